@@ -1,0 +1,3 @@
+from polykv_cli.main import main
+
+main()

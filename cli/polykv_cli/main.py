@@ -1,0 +1,25 @@
+"""The `polykv` command: a thin Typer front over the library (the library never imports this package)."""
+
+from __future__ import annotations
+
+import typer
+
+from polykv_cli import run_cmd
+
+app = typer.Typer(
+    name="polykv",
+    help="Per-layer KV-cache compression: calibrate -> solve -> run / eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+for module in (run_cmd,):
+    module.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

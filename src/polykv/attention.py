@@ -1,0 +1,157 @@
+"""The attention wrapper that makes a ragged `PolyKVCache` correct on sdpa and eager.
+
+transformers builds one mask per layer type, sized from one layer; with per-layer budgets that mask is wrong (or the
+wrong shape) for every other layer. We register two attention functions, `polykv_sdpa` and `polykv_eager`, through
+transformers' `AttentionInterface` (and their masks through `AttentionMaskInterface`); they delegate to the real sdpa
+or the model's own eager function and, when the layer's cache is a `PolyKVCache`:
+- on the prefill of an empty layer, use transformers' mask unchanged, then let the cache compress or record the
+  layer (so later layers see the uncompressed prefill, as in SnapKV);
+- afterwards, build this layer's own mask from the columns it kept (`PolyKVLayer.visible`).
+A forward pre-hook on each attention module hands the cache to the function (modules do not pass it on).
+Nothing global is patched: models not switched to these implementations are untouched.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from polykv.cache import PolyKVCache
+
+CACHE_KWARG = "polykv_cache"
+BASES = ("sdpa", "eager")
+
+
+def _base_function(base: str, module: nn.Module) -> Callable:
+    if base == "sdpa":
+        return sdpa_attention_forward
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation='sdpa'")
+    return eager
+
+
+def _make_wrapper(base: str) -> Callable:
+    def polykv_attention(module, query, key, value, attention_mask, **kwargs):
+        cache = kwargs.pop(CACHE_KWARG, None)
+        fn = _base_function(base, module)
+        if not isinstance(cache, PolyKVCache):
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        layer = cache.layers[module.layer_idx]
+        if layer.fresh:
+            out = fn(module, query, key, value, attention_mask, **kwargs)
+            cache_after_prefill(cache, module.layer_idx, query, kwargs.get("scaling"), kwargs.get("softcap"))
+            return out
+        q_len = query.shape[2]
+        q_cols = torch.arange(layer.seen - q_len, layer.seen, device=query.device)
+        visible = layer.visible(q_cols, cache.column_valid)
+        if visible is not None:
+            groups = query.shape[1] // key.shape[1]
+            if visible.shape[1] > 1 and groups > 1:
+                visible = visible.repeat_interleave(groups, dim=1)
+            if base == "eager":
+                visible = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~visible, torch.finfo(query.dtype).min
+                )
+        return fn(module, query, key, value, visible, **kwargs)
+
+    polykv_attention.__name__ = f"polykv_{base}"
+    return polykv_attention
+
+
+def cache_after_prefill(cache: PolyKVCache, layer_idx: int, query: Tensor, scaling, softcap) -> None:
+    """Record and/or compress one layer right after its prefill attention ran."""
+    from polykv.observe import observe_layer
+
+    layer = cache.layers[layer_idx]
+    layer.fresh = False
+    setting = cache.settings[layer_idx] if cache.settings is not None else None
+    if cache.observer is None and setting is None:
+        return
+    valid = cache.column_valid
+    if valid is None:
+        valid = torch.ones(query.shape[0], layer.seen, dtype=torch.bool, device=query.device)
+    scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if cache.observer is not None:
+        cache.observer.record(layer_idx, layer, query, scaling, softcap, valid)
+    if setting is not None:
+        obs = observe_layer(
+            layer_idx, layer, query, scaling, softcap, valid,
+            window=setting.policy.queries_needed(), cumulative=setting.policy.needs_cumulative,
+        )
+        layer.keep(setting.kept_indices(obs))
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register `polykv_sdpa` / `polykv_eager` with transformers (idempotent, adds names, replaces nothing)."""
+    global _registered
+    if _registered:
+        return
+    for base, mask in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+        AttentionInterface.register(f"polykv_{base}", _make_wrapper(base))
+        AttentionMaskInterface.register(f"polykv_{base}", mask)
+    _registered = True
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    if not mods:
+        raise RuntimeError(f"{type(model).__name__}: no attention modules with layer_idx found; unsupported model")
+    return mods
+
+
+def _inject_cache(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, PolyKVCache):
+        kwargs[CACHE_KWARG] = cache
+    return args, kwargs
+
+
+def _new_tokens(args, kwargs) -> Tensor | None:
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args:
+        x = args[0]
+    return x
+
+
+def _track_padding(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    x = _new_tokens(args, kwargs)
+    if isinstance(cache, PolyKVCache) and x is not None:
+        cache.track_padding(kwargs.get("attention_mask"), x.shape[1], x.shape[0], x.device)
+    return args, kwargs
+
+
+@contextmanager
+def polykv_attention(model: nn.Module) -> Iterator[str]:
+    """Switch `model` to the matching polykv attention implementation for the duration; yields its name."""
+    register()
+    current = model.config._attn_implementation
+    base = current.removeprefix("polykv_")
+    if base not in BASES:
+        raise RuntimeError(
+            f"attention implementation {current!r} is not supported by the compressed cache; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    handles = [m.register_forward_pre_hook(_inject_cache, with_kwargs=True) for m in _attention_modules(model)]
+    handles.append(model.register_forward_pre_hook(_track_padding, with_kwargs=True))
+    name = f"polykv_{base}"
+    model.set_attn_implementation(name)
+    try:
+        yield name
+    finally:
+        model.set_attn_implementation(current)
+        for h in handles:
+            h.remove()

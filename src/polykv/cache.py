@@ -1,0 +1,205 @@
+"""The ragged per-layer compressed KV cache, on transformers' `Cache` interface.
+
+Each layer stores only the tokens it kept, with the sequence column each came from (RoPE is already applied to the
+keys, so a kept key needs nothing else), so layers may hold different numbers of tokens and each KV head its own
+set. Because the layers are ragged, the single attention mask that transformers builds for all layers cannot be
+right for every layer; `polykv.attention` builds each layer's mask from the columns stored here instead:
+key j is visible to query column c iff its column is <= c, the column is not padding, the entry is real (not filler
+in a ragged batch) and, for sliding-window layers, c - column < window.
+
+`get_seq_length()` is the logical length (columns seen), so new tokens get the right positions and the caller's
+2-D attention mask keeps its usual meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class PolyKVLayer(CacheLayerMixin):
+    """One layer's kept keys/values (B, Hkv, N, D) with their columns (B, Hkv, N) and optional entry validity."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, sliding_window: int | None = None):
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.columns: Tensor | None = None
+        self.entry_valid: Tensor | None = None
+        self.seen = 0
+        self.uniform_heads = True
+        self.fresh = False
+        self.compressed = False
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append new tokens; returns every stored key/value of this layer (the wrapper masks what is not visible)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, new, _ = key_states.shape
+        cols = torch.arange(self.seen, self.seen + new, device=key_states.device, dtype=torch.int32)
+        cols = cols.expand(batch, heads, new)
+        self.fresh = self.keys is None
+        if self.fresh:
+            self.keys, self.values, self.columns = key_states, value_states, cols.contiguous()
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.columns = torch.cat([self.columns, cols], dim=-1)
+            if self.entry_valid is not None:
+                ones = torch.ones(batch, heads, new, dtype=torch.bool, device=key_states.device)
+                self.entry_valid = torch.cat([self.entry_valid, ones], dim=-1)
+        self.seen += new
+        return self.keys, self.values
+
+    def keep(self, indices: Tensor, entry_valid: Tensor | None = None) -> None:
+        """Keep only `indices` (B, Hkv, K) of the stored tokens (from `policies.select`)."""
+        from polykv.kernels import gather_kv
+
+        self.keys, self.values = gather_kv(self.keys, self.values, indices)
+        self.columns = torch.gather(self.columns, -1, indices)
+        if self.entry_valid is not None:
+            self.entry_valid = torch.gather(self.entry_valid, -1, indices)
+        if entry_valid is not None:
+            self.entry_valid = entry_valid if self.entry_valid is None else self.entry_valid & entry_valid
+        self.uniform_heads = bool((indices == indices[:, :1]).all())
+        self.compressed = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def kept_tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def full_tokens(self) -> int:
+        """Tokens a plain transformers cache would hold for this layer now."""
+        return min(self.seen, self.sliding_window - 1) if self.sliding_window else self.seen
+
+    def bytes_per_token(self) -> int:
+        if self.keys is None:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        return 2 * batch * heads * dim * self.keys.element_size()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.columns is not None:
+            self.columns = self.columns.index_select(0, beam_idx.to(self.columns.device))
+        if self.entry_valid is not None:
+            self.entry_valid = self.entry_valid.index_select(0, beam_idx.to(self.entry_valid.device))
+
+    def visible(self, query_columns: Tensor, column_valid: Tensor | None) -> Tensor | None:
+        """(B, Hkv or 1, q, N) bool visibility of the stored tokens for the given query columns, or None if all."""
+        cols = self.columns[:, :1] if self.uniform_heads else self.columns
+        heads = cols.shape[1]
+        need = (
+            query_columns.numel() > 1
+            or column_valid is not None
+            or self.entry_valid is not None
+            or self.sliding_window is not None
+        )
+        if not need:
+            return None
+        q = query_columns.view(1, 1, -1, 1)
+        k = cols.unsqueeze(-2).long()
+        vis = k <= q
+        if self.sliding_window is not None:
+            vis = vis & (q - k < self.sliding_window)
+        if column_valid is not None:
+            vis = vis & torch.gather(column_valid, 1, cols.reshape(cols.shape[0], -1).long()).view(
+                cols.shape[0], heads, 1, -1
+            )
+        if self.entry_valid is not None:
+            ev = self.entry_valid if not self.uniform_heads else self.entry_valid[:, :1]
+            if ev.shape[1] != heads:
+                vis = vis.expand(-1, ev.shape[1], -1, -1)
+            vis = vis & ev.unsqueeze(-2)
+        return vis
+
+
+@dataclass
+class CacheStats:
+    """Exact accounting of one cache: per layer kept and full tokens, and K+V bytes kept vs full."""
+
+    kept_tokens: list[int] = field(default_factory=list)
+    full_tokens: list[int] = field(default_factory=list)
+    kv_bytes: int = 0
+    kv_bytes_full: int = 0
+    index_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.kv_bytes / self.kv_bytes_full if self.kv_bytes_full else 1.0
+
+
+class PolyKVCache(Cache):
+    """A `Cache` of `PolyKVLayer`s; build it with `PolyKVCache.for_model(model)` or let `polykv.apply` do it.
+
+    `settings` (one `LayerSetting` or None per layer) makes each layer compress right after its prefill attention
+    ran; `observer` (see `polykv.capture`) records what policies need instead. Both are driven by the attention
+    wrapper in `polykv.attention`.
+    """
+
+    def __init__(self, layers: list[PolyKVLayer], settings=None, observer=None):
+        super().__init__(layers=layers)
+        self.settings = settings
+        self.observer = observer
+        self.column_valid: Tensor | None = None
+
+    @classmethod
+    def for_config(cls, config, settings=None, observer=None) -> "PolyKVCache":
+        text = config.get_text_config(decoder=True)
+        types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        window = getattr(text, "sliding_window", None)
+        layers = [PolyKVLayer(window if t == "sliding_attention" else None) for t in types]
+        if settings is not None and len(settings) != len(layers):
+            raise ValueError(f"{len(settings)} layer settings for a model with {len(layers)} layers")
+        return cls(layers, settings=settings, observer=observer)
+
+    def track_padding(self, attention_mask: Tensor | None, new_tokens: int, batch: int, device) -> None:
+        """Record which columns are padding, from the caller's 2-D mask (None: all new columns are real)."""
+        seen = self.layers[0].seen
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask.to(device=device, dtype=torch.bool)
+            if mask.shape[1] != seen + new_tokens:
+                raise ValueError(
+                    f"attention_mask covers {mask.shape[1]} columns but the cache has seen {seen} and "
+                    f"{new_tokens} are new; pass the mask of the whole sequence so far"
+                )
+            self.column_valid = None if bool(mask.all()) and self.column_valid is None else mask
+        elif self.column_valid is not None:
+            ones = torch.ones(batch, new_tokens, dtype=torch.bool, device=device)
+            self.column_valid = torch.cat([self.column_valid[:, :seen], ones], dim=1)
+
+    def stats(self) -> CacheStats:
+        out = CacheStats()
+        for layer in self.layers:
+            out.kept_tokens.append(layer.kept_tokens)
+            out.full_tokens.append(layer.full_tokens)
+            per = layer.bytes_per_token()
+            out.kv_bytes += per * layer.kept_tokens
+            out.kv_bytes_full += per * layer.full_tokens
+            if layer.columns is not None:
+                out.index_bytes += layer.columns.numel() * layer.columns.element_size()
+        return out
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

@@ -1,0 +1,98 @@
+"""Prefill once, compress many ways: `capture()` records a full cache plus what every policy needs.
+
+`Capture.compress(settings)` builds a fresh `PolyKVCache` from the capture without touching it, using the same
+observation and selection code as compression during prefill, so both give identical kept sets (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from polykv.attention import polykv_attention
+from polykv.cache import PolyKVCache, PolyKVLayer
+from polykv.policies import LayerObservation
+from polykv.settings import LayerSetting
+from polykv.observe import observe_layer
+
+DEFAULT_WINDOW = 64
+
+
+@dataclass
+class Observer:
+    """Keeps, per layer, the observation a policy would get (window queries, cumulative attention if asked)."""
+
+    window: int = DEFAULT_WINDOW
+    cumulative: bool = True
+    observations: dict[int, LayerObservation] = field(default_factory=dict)
+
+    def record(self, layer_idx: int, layer: PolyKVLayer, query: Tensor, scaling: float, softcap, valid: Tensor) -> None:
+        self.observations[layer_idx] = observe_layer(
+            layer_idx, layer, query, scaling, softcap, valid, self.window, self.cumulative
+        )
+
+
+@dataclass
+class Capture:
+    """A full-cache prefill: the cache, each layer's observation, and the logits of the last prompt token."""
+
+    cache: PolyKVCache
+    observer: Observer
+    last_logits: Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.cache.layers)
+
+    def observation(self, layer_idx: int) -> LayerObservation:
+        return self.observer.observations[layer_idx]
+
+    def compress(self, settings: list[LayerSetting | None]) -> PolyKVCache:
+        """A new compressed cache (None = keep the layer whole); the capture itself is left unchanged."""
+        if len(settings) != self.num_layers:
+            raise ValueError(f"{len(settings)} settings for a capture of {self.num_layers} layers")
+        layers = []
+        for i, (src, setting) in enumerate(zip(self.cache.layers, settings)):
+            dst = clone_layer(src)
+            if setting is not None:
+                obs = self.observation(i)
+                if setting.policy.queries_needed() > obs.window_queries.shape[2] and obs.num_tokens > obs.window_queries.shape[2]:
+                    raise ValueError(
+                        f"policy {setting.policy.name} needs {setting.policy.queries_needed()} window queries but the "
+                        f"capture kept {obs.window_queries.shape[2]}; capture with a larger window"
+                    )
+                if setting.policy.needs_cumulative and obs.cumulative_attention is None:
+                    raise ValueError(f"policy {setting.policy.name} needs cumulative attention; capture with cumulative=True")
+                dst.keep(setting.kept_indices(obs))
+            layers.append(dst)
+        out = PolyKVCache(layers)
+        out.column_valid = self.cache.column_valid
+        return out
+
+
+def clone_layer(src: PolyKVLayer) -> PolyKVLayer:
+    """A shallow copy sharing tensors (they are never written in place), safe to compress or extend."""
+    dst = PolyKVLayer(src.sliding_window)
+    dst.__dict__.update({k: v for k, v in src.__dict__.items()})
+    return dst
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    window: int = DEFAULT_WINDOW,
+    cumulative: bool = True,
+) -> Capture:
+    """Prefill `input_ids` with the full cache and record what policies need, for every layer."""
+    observer = Observer(window=window, cumulative=cumulative)
+    cache = PolyKVCache.for_config(model.config, observer=observer)
+    with polykv_attention(model):
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+            logits_to_keep=1,
+        )
+    return Capture(cache=cache, observer=observer, last_logits=out.logits[:, -1, :])

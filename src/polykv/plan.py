@@ -1,0 +1,357 @@
+"""The plan: which (policy, budget) each layer gets, as a JSON file that `polykv solve` writes and `apply` reads.
+
+A plan is tied to one model geometry (its *fingerprint*: layers, KV heads and head dim per layer, layer types,
+sliding window) and checked against it before use. Its bytes are deterministic: the same plan always serialises to
+the same text (fixed key order, sorted free-form dicts, floats rounded to 12 significant digits, no timestamps).
+
+Budget unit. A layer's budget is always in tokens (kept per KV head). What the plan bounds is the summed *cost*:
+- "tokens" when every layer has the same KV heads and head dim and no layer slides: cost = budget, and
+  total_budget = average_budget x num_layers;
+- "bytes" otherwise: cost of layer l = 2 (K and V) x num_kv_heads[l] x head_dim[l] x 2 bytes (a 16-bit cache) x
+  min(budget, window) where window is the sliding window on sliding layers (they never hold more) and unbounded
+  elsewhere. total_budget is the cost of the uniform plan at average_budget, so average_budget keeps meaning
+  "tokens per layer" and the uniform plan is always within budget. The element size only scales both sides of the
+  constraint, so the same plan is right for any cache dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from polykv.errors import PlanError, PlanMismatchError
+
+SCHEMA_VERSION = 1
+BYTES_PER_ELEMENT = 2
+FINGERPRINT_KEYS = ("model_type", "num_layers", "num_kv_heads", "head_dim", "layer_types", "sliding_window")
+
+
+def fingerprint_hash(fp: dict) -> str:
+    """Short stable id of a fingerprint: sha256 of its canonical JSON (sorted keys, no spaces), first 12 hex chars."""
+    text = json.dumps(fp, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def describe_fingerprint(fp: dict) -> str:
+    """One-line human summary of a fingerprint, for error messages and `plan show`."""
+    heads = sorted(set(fp.get("num_kv_heads") or []))
+    dims = sorted(set(fp.get("head_dim") or []))
+    sliding = sum("sliding" in t for t in fp.get("layer_types") or [])
+    text = f"{fp.get('model_type', '?')}, {fp.get('num_layers', '?')} layers, kv heads {heads}, head dim {dims}"
+    return text + (f", {sliding} sliding (window {fp.get('sliding_window')})" if sliding else "")
+
+
+def check_fingerprint(fp: Any) -> None:
+    """Raise PlanError unless `fp` has the fingerprint keys with per-layer lists of the right length."""
+    if not isinstance(fp, dict) or any(k not in fp for k in FINGERPRINT_KEYS):
+        have = sorted(fp) if isinstance(fp, dict) else type(fp).__name__
+        raise PlanError(f"fingerprint needs keys {', '.join(FINGERPRINT_KEYS)} (got {have}); take it from the model")
+    n = fp["num_layers"]
+    for key in ("num_kv_heads", "head_dim", "layer_types"):
+        if not isinstance(fp[key], list) or len(fp[key]) != n:
+            raise PlanError(f"fingerprint {key} must list one value per layer ({n}); regenerate the fingerprint")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What a budget costs on each layer, in the plan's unit (see the module docstring)."""
+
+    unit: str
+    per_token: tuple[int, ...]
+    caps: tuple[int | None, ...]
+
+    @classmethod
+    def for_fingerprint(cls, fp: dict) -> "CostModel":
+        check_fingerprint(fp)
+        n = fp["num_layers"]
+        window = fp["sliding_window"]
+        caps = tuple(window if ("sliding" in t and window) else None for t in fp["layer_types"])
+        geometry = {(h, d) for h, d in zip(fp["num_kv_heads"], fp["head_dim"])}
+        if len(geometry) == 1 and all(c is None for c in caps):
+            return cls("tokens", (1,) * n, caps)
+        per_token = tuple(2 * h * d * BYTES_PER_ELEMENT for h, d in zip(fp["num_kv_heads"], fp["head_dim"]))
+        return cls("bytes", per_token, caps)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.per_token)
+
+    def effective(self, layer: int, budget: int) -> int:
+        """Tokens the layer actually holds at `budget` (sliding layers stop at their window)."""
+        cap = self.caps[layer]
+        return budget if cap is None else min(budget, cap)
+
+    def cost(self, layer: int, budget: int) -> int:
+        return self.per_token[layer] * self.effective(layer, budget)
+
+    def total(self, average_budget: float) -> int:
+        """The bound for a plan at `average_budget`: the cost of the uniform plan at that budget (rounded down)."""
+        return sum(math.floor(p * (average_budget if c is None else min(average_budget, c))) for p, c in zip(self.per_token, self.caps))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's setting: keep `budget` tokens per KV head chosen by `policy` with `params`."""
+
+    layer: int
+    policy: str
+    budget: int
+    params: dict
+    predicted_loss: float | None = None
+
+
+def _round(x: float | None) -> float | None:
+    """Stable float formatting: 12 significant digits, so summation-order noise does not change the file."""
+    return None if x is None else float(f"{x:.12g}")
+
+
+def _canonical(value: Any) -> Any:
+    """Recursively sort dict keys (free-form dicts are written sorted)."""
+    if isinstance(value, dict):
+        return {str(k): _canonical(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _dump(value: Any, indent: int) -> str:
+    text = json.dumps(value, indent=2, ensure_ascii=True, allow_nan=False)
+    return text.replace("\n", "\n" + " " * indent)
+
+
+@cache
+def plan_schema() -> dict:
+    """The plan JSON Schema shipped in the package (polykv/schema/plan.schema.json)."""
+    return json.loads(resources.files("polykv").joinpath("schema/plan.schema.json").read_text())
+
+
+def polykv_version() -> str:
+    """Installed polykv version (recorded in plan provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("polykv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _known_policies() -> list[str]:
+    from polykv.policies import policy_names
+
+    return policy_names()
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+@dataclass
+class Plan:
+    """A whole-model plan; see docs/plan-format.md for the file format field by field."""
+
+    schema_version: int
+    model: str
+    fingerprint: dict
+    average_budget: float
+    total_budget: int
+    budget_unit: str
+    layers: list[LayerPlan]
+    predicted_loss: float | None
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def cost_model(self) -> CostModel:
+        return CostModel.for_fingerprint(self.fingerprint)
+
+    @property
+    def used_budget(self) -> int:
+        """Summed cost of the layers in budget_unit."""
+        cm = self.cost_model
+        return sum(cm.cost(lp.layer, lp.budget) for lp in self.layers)
+
+    @property
+    def fingerprint_hash(self) -> str:
+        return fingerprint_hash(self.fingerprint)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict in the file's key order (derived fields included)."""
+        check_fingerprint(self.fingerprint)
+        avg = float(self.average_budget)
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "fingerprint_hash": self.fingerprint_hash,
+            "budget_unit": self.budget_unit,
+            "average_budget": int(avg) if avg.is_integer() else _round(avg),
+            "total_budget": int(self.total_budget),
+            "used_budget": self.used_budget,
+            "predicted_loss": _round(self.predicted_loss),
+            "layers": [
+                {
+                    "layer": int(lp.layer),
+                    "policy": lp.policy,
+                    "budget": int(lp.budget),
+                    "params": _canonical(lp.params),
+                    "predicted_loss": _round(lp.predicted_loss),
+                }
+                for lp in self.layers
+            ],
+            "fingerprint": _canonical(self.fingerprint),
+            "provenance": _canonical(self.provenance),
+        }
+
+    def to_json(self) -> str:
+        """Deterministic text: fixed top-level order, one line per layer, sorted nested dicts, trailing newline."""
+        d = self.to_dict()
+        parts = []
+        for key, value in d.items():
+            if key == "layers":
+                rows = ",\n".join("    " + json.dumps(row, ensure_ascii=True, allow_nan=False) for row in value)
+                parts.append(f'  "layers": [\n{rows}\n  ]')
+            else:
+                parts.append(f"  {json.dumps(key)}: {_dump(value, 2)}")
+        return "{\n" + ",\n".join(parts) + "\n}\n"
+
+    def validate(self, check_policies: bool = True) -> None:
+        """Raise PlanError unless the plan matches the schema and is consistent with its fingerprint and budget.
+
+        `check_policies` also rejects policy names the registry (polykv.policies) does not know; it imports the
+        registry (and so torch), which the solver avoids.
+        """
+        _validate_dict(self.to_dict(), check_policies)
+
+    @classmethod
+    def from_dict(cls, d: Any, check_policies: bool = True) -> "Plan":
+        """Build and validate a plan from its JSON dict (as loaded from a file)."""
+        _validate_dict(d, check_policies)
+        return cls(
+            schema_version=d["schema_version"],
+            model=d["model"],
+            fingerprint=d["fingerprint"],
+            average_budget=float(d["average_budget"]),
+            total_budget=d["total_budget"],
+            budget_unit=d["budget_unit"],
+            layers=[
+                LayerPlan(l["layer"], l["policy"], l["budget"], dict(l["params"]), l.get("predicted_loss"))
+                for l in d["layers"]
+            ],
+            predicted_loss=d["predicted_loss"],
+            provenance=d["provenance"],
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, check_policies: bool = True) -> "Plan":
+        """Read and validate a plan file; PlanError (naming the file) on any problem."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist; check the path or run `polykv solve`") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"cannot read plan file {path} ({exc}); check the path") from exc
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan {path} is not valid JSON ({exc.msg} at line {exc.lineno}); regenerate it") from None
+        except ValueError as exc:
+            raise PlanError(f"plan {path} is not valid JSON ({exc}); regenerate it") from None
+        try:
+            return cls.from_dict(data, check_policies)
+        except PlanError as exc:
+            raise type(exc)(f"plan {path}: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Validate (schema and budget, not the policy registry) and write atomically (temp file + os.replace)."""
+        self.validate(check_policies=False)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def check_model(self, fingerprint: dict, model: str | None = None) -> None:
+        """Raise PlanMismatchError (naming both models and fingerprints) unless the plan was made for `fingerprint`."""
+        mine, theirs = self.fingerprint_hash, fingerprint_hash(fingerprint)
+        if mine != theirs:
+            other = model or fingerprint.get("model_type", "?")
+            raise PlanMismatchError(
+                f"plan was solved for {self.model} (fingerprint {mine}: {describe_fingerprint(self.fingerprint)}) "
+                f"but the model is {other} (fingerprint {theirs}: {describe_fingerprint(fingerprint)}); "
+                "calibrate and solve a plan for this model"
+            )
+
+
+def _validate_dict(d: Any, check_policies: bool) -> None:
+    import jsonschema
+
+    if not isinstance(d, dict):
+        raise PlanError(f"a plan is a JSON object, got {type(d).__name__}; regenerate it with `polykv solve`")
+    version = d.get("schema_version")
+    if isinstance(version, int) and version != SCHEMA_VERSION:
+        raise PlanError(f"plan schema_version {version} is not supported (this polykv reads {SCHEMA_VERSION}); "
+                        "use a matching polykv or re-solve the plan")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(plan_schema()).iter_errors(d))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "top level"
+        raise PlanError(f"does not match the plan schema at {where}: {error.message}; fix or regenerate the plan")
+    fp = d["fingerprint"]
+    check_fingerprint(fp)
+    n = fp["num_layers"]
+    if "fingerprint_hash" in d and d["fingerprint_hash"] != fingerprint_hash(fp):
+        raise PlanError(f"fingerprint_hash {d['fingerprint_hash']} does not match the fingerprint "
+                        f"({fingerprint_hash(fp)}); the fingerprint was edited, regenerate the plan")
+    layers = d["layers"]
+    if len(layers) != n:
+        raise PlanError(f"plan has {len(layers)} layers but its fingerprint has {n}; regenerate the plan")
+    for i, lp in enumerate(layers):
+        if lp["layer"] != i:
+            raise PlanError(f"layers[{i}] has layer {lp['layer']}; layers must be listed in order 0..{n - 1}")
+    cm = CostModel.for_fingerprint(fp)
+    if d["budget_unit"] != cm.unit:
+        raise PlanError(f"budget_unit is {d['budget_unit']!r} but this model's geometry needs {cm.unit!r}; "
+                        "regenerate the plan")
+    used = sum(cm.cost(i, lp["budget"]) for i, lp in enumerate(layers))
+    if "used_budget" in d and d["used_budget"] != used:
+        raise PlanError(f"used_budget {d['used_budget']} does not match the layers ({used} {cm.unit}); "
+                        "regenerate the plan")
+    if used > d["total_budget"]:
+        raise PlanError(f"layers cost {used} {cm.unit}, over total_budget {d['total_budget']}; "
+                        "lower some budgets or re-solve")
+    if check_policies:
+        known = _known_policies()
+        unknown = sorted({lp["policy"] for lp in layers} - set(known))
+        if unknown:
+            raise PlanError(f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                            f"known: {', '.join(known)}")
+
+
+def uniform_plan(model: str, fingerprint: dict, policy: str, budget: int, params: dict | None = None) -> Plan:
+    """The same policy and budget on every layer (sliding layers capped at their window): the usual baseline."""
+    cm = CostModel.for_fingerprint(fingerprint)
+    if budget < 1:
+        raise PlanError(f"budget must be >= 1 token, got {budget}")
+    layers = [LayerPlan(i, policy, cm.effective(i, budget), dict(params or {})) for i in range(cm.num_layers)]
+    return Plan(
+        schema_version=SCHEMA_VERSION,
+        model=model,
+        fingerprint=fingerprint,
+        average_budget=float(budget),
+        total_budget=cm.total(budget),
+        budget_unit=cm.unit,
+        layers=layers,
+        predicted_loss=None,
+        provenance={"polykv_version": polykv_version(), "solver": "uniform"},
+    )

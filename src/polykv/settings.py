@@ -1,0 +1,77 @@
+"""Per-layer compression settings (policy + budget) and how a plan, a list or one policy turns into them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from polykv.errors import InputError
+from polykv.policies import LayerObservation, Policy, make_policy, select
+
+
+@dataclass(frozen=True)
+class LayerSetting:
+    """What one layer keeps: `budget` tokens per KV head (sinks and windows included) chosen by `policy`."""
+
+    policy: Policy
+    budget: int
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise InputError(f"budget must be >= 1 token, got {self.budget}")
+
+    def kept_indices(self, obs: LayerObservation) -> Tensor:
+        """(B, Hkv, K) ascending indices this setting keeps; `full` and budget >= context keep everything."""
+        budget = obs.num_tokens if self.policy.name == "full" else self.budget
+        if budget >= obs.num_tokens:
+            return select(obs.keys.new_zeros(obs.keys.shape[:3]), obs.num_tokens, obs.valid)
+        return select(self.policy.score(obs, budget), budget, obs.valid)
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.policy.name, "budget": self.budget, "params": self.policy.params()}
+
+
+def _policy(name: str, params: dict | None) -> Policy:
+    try:
+        return make_policy(name, params)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+
+
+def uniform(policy: str, budget: int, num_layers: int, params: dict | None = None) -> list[LayerSetting]:
+    """The same policy and budget on every layer (the usual single-policy baseline)."""
+    setting = LayerSetting(_policy(policy, params), budget)
+    return [setting] * num_layers
+
+
+def from_layer_dicts(layers: Sequence[dict], num_layers: int) -> list[LayerSetting]:
+    """Settings from [{"policy", "budget", "params"?}, ...] (a plan's `layers`, or a bare list in a JSON file)."""
+    if len(layers) != num_layers:
+        raise InputError(f"the plan has {len(layers)} layers but the model has {num_layers}; use a plan made for it")
+    out = []
+    for i, item in enumerate(layers):
+        if "policy" not in item or "budget" not in item:
+            raise InputError(f"layer {i} of the plan needs 'policy' and 'budget' keys, got {sorted(item)}")
+        out.append(LayerSetting(_policy(item["policy"], item.get("params")), int(item["budget"])))
+    return out
+
+
+def load_settings(path: str | Path, num_layers: int, fingerprint: dict | None = None) -> list[LayerSetting]:
+    """Settings from a plan file (the `polykv solve` format, checked against the model) or a bare JSON list."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"plan {path} is not valid JSON ({exc.msg} at line {exc.lineno}); regenerate it") from exc
+    if isinstance(data, list):
+        return from_layer_dicts(data, num_layers)
+    from polykv.plan import Plan
+
+    plan = Plan.load(path)
+    if fingerprint is not None:
+        plan.check_model(fingerprint)
+    return from_layer_dicts([{"policy": l.policy, "budget": l.budget, "params": l.params} for l in plan.layers], num_layers)
