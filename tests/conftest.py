@@ -68,3 +68,44 @@ def smollm2():
     from polykv.models import load_model
 
     return load_model("smollm2-135m")
+
+
+class CharTokenizer:
+    """A tiny offline tokenizer for mechanics tests: one id per byte (mod vocab), no chat template."""
+
+    chat_template = None
+    eos_token = "\x03"
+    eos_token_id = 3
+    pad_token = "\x00"
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = ([1] if add_special_tokens else []) + [4 + (b % (self.vocab - 4)) for b in text.encode()]
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i >= 4)
+
+
+def tiny_loaded(attn: str = "sdpa", arch: str = "llama"):
+    from polykv.models import LoadedModel
+
+    return LoadedModel(name=f"tiny-{arch}", model=TINY[arch](attn), tokenizer=CharTokenizer(), source="test")
+
+
+def write_samples(path, n: int = 3, length: int = 300, seed: int = 0) -> None:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(length // 6))
+            key = rng.randint(100, 999)
+            f.write(json.dumps({"id": f"s{i}", "category": ["retrieval", "code"][i % 2], "context":
+                                f"{words} The key is {key}. {words}", "question": "What is the key?",
+                                "answers": [str(key)]}) + "\n")

@@ -211,3 +211,20 @@ def test_apply_restores_model():
     assert not any(m._forward_pre_hooks for m in model.modules())
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
     assert type(model(ids).past_key_values).__name__ == "DynamicCache"
+
+
+def test_triton_decode_path_matches_torch_path(monkeypatch):
+    """POLYKV_KERNELS=triton (interpreted on CPU): scoring, compaction and decode kernels give the torch result."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, T))
+    nxt = torch.randint(0, 128, (2, 1))
+    outs = []
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("POLYKV_KERNELS", choice)
+        with apply(model, ragged(3)):
+            cache = model(ids).past_key_values
+        with polykv_attention(model):
+            outs.append((model(nxt, past_key_values=cache).logits, [l.columns.clone() for l in cache.layers]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(a, b)

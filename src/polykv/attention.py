@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from polykv import kernels
 from polykv.cache import PolyKVCache
 
 CACHE_KWARG = "polykv_cache"
@@ -49,9 +50,13 @@ def _make_wrapper(base: str) -> Callable:
             out = fn(module, query, key, value, attention_mask, **kwargs)
             cache_after_prefill(cache, module.layer_idx, query, kwargs.get("scaling"), kwargs.get("softcap"))
             return out
+        if cache.observer is not None:
+            cache.observer.record_chunk(module.layer_idx, query)
         q_len = query.shape[2]
         q_cols = torch.arange(layer.seen - q_len, layer.seen, device=query.device)
         visible = layer.visible(q_cols, cache.column_valid)
+        if visible is None and q_len == 1 and kernels.routes_to_triton(key):
+            return _decode_kernel(query, key, value, kwargs), None
         if visible is not None:
             groups = query.shape[1] // key.shape[1]
             if visible.shape[1] > 1 and groups > 1:
@@ -64,6 +69,14 @@ def _make_wrapper(base: str) -> Callable:
 
     polykv_attention.__name__ = f"polykv_{base}"
     return polykv_attention
+
+
+def _decode_kernel(query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> Tensor:
+    """One-token attention over the whole stored cache with the flash-decoding kernel; (B, 1, Hq, D) like sdpa."""
+    lengths = torch.full(key.shape[:2], key.shape[2], dtype=torch.int32, device=key.device)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    out = kernels.decode_attention(query[:, :, 0], key, value, lengths, float(scaling), kwargs.get("softcap"))
+    return out.unsqueeze(1).to(query.dtype)
 
 
 def cache_after_prefill(cache: PolyKVCache, layer_idx: int, query: Tensor, scaling, softcap) -> None:

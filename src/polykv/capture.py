@@ -27,11 +27,18 @@ class Observer:
     window: int = DEFAULT_WINDOW
     cumulative: bool = True
     observations: dict[int, LayerObservation] = field(default_factory=dict)
+    #: queries of the chunks fed after the prefill (e.g. teacher-forced answer tokens), per layer, concatenated
+    chunk_queries: dict[int, Tensor] = field(default_factory=dict)
 
     def record(self, layer_idx: int, layer: PolyKVLayer, query: Tensor, scaling: float, softcap, valid: Tensor) -> None:
         self.observations[layer_idx] = observe_layer(
             layer_idx, layer, query, scaling, softcap, valid, self.window, self.cumulative
         )
+
+
+    def record_chunk(self, layer_idx: int, query: Tensor) -> None:
+        prev = self.chunk_queries.get(layer_idx)
+        self.chunk_queries[layer_idx] = query if prev is None else torch.cat([prev, query], dim=2)
 
 
 @dataclass

@@ -37,3 +37,11 @@ class ModelError(PolyKVError):
 
 class InputError(PolyKVError):
     """A prompt, plan setting or option that cannot be served (empty, too long for the model, unknown policy)."""
+
+
+class DataError(PolyKVError):
+    """A calibration data file or data set that cannot be loaded: missing, empty, malformed line, unreachable hub."""
+
+
+class TaskError(PolyKVError):
+    """An evaluation task file that cannot be used: missing, no valid instance, unknown metric."""

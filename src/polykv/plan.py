@@ -23,7 +23,6 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from polykv.errors import PlanError, PlanMismatchError
 
 SCHEMA_VERSION = 1
 BYTES_PER_ELEMENT = 2
+SCHEMA_PATH = Path(__file__).parent / "schema" / "plan.schema.json"
 FINGERPRINT_KEYS = ("model_type", "num_layers", "num_kv_heads", "head_dim", "layer_types", "sliding_window")
 
 
@@ -94,7 +94,8 @@ class CostModel:
 
     def total(self, average_budget: float) -> int:
         """The bound for a plan at `average_budget`: the cost of the uniform plan at that budget (rounded down)."""
-        return sum(math.floor(p * (average_budget if c is None else min(average_budget, c))) for p, c in zip(self.per_token, self.caps))
+        return sum(math.floor(p * (average_budget if c is None else min(average_budget, c)))
+                   for p, c in zip(self.per_token, self.caps))
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ def _round(x: float | None) -> float | None:
     return None if x is None else float(f"{x:.12g}")
 
 
+def _float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
 def _canonical(value: Any) -> Any:
     """Recursively sort dict keys (free-form dicts are written sorted)."""
     if isinstance(value, dict):
@@ -123,14 +128,20 @@ def _canonical(value: Any) -> Any:
 
 
 def _dump(value: Any, indent: int) -> str:
-    text = json.dumps(value, indent=2, ensure_ascii=True, allow_nan=False)
-    return text.replace("\n", "\n" + " " * indent)
+    """JSON with 2-space indents where lists of scalars (per-layer values) stay on one line."""
+    pad = " " * (indent + 2)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(k)}: {_dump(v, indent + 2)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(pad + _dump(v, indent + 2) for v in value) + "\n" + " " * indent + "]"
+    return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(", ", ": "))
 
 
 @cache
 def plan_schema() -> dict:
     """The plan JSON Schema shipped in the package (polykv/schema/plan.schema.json)."""
-    return json.loads(resources.files("polykv").joinpath("schema/plan.schema.json").read_text())
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 def polykv_version() -> str:
@@ -240,10 +251,10 @@ class Plan:
             total_budget=d["total_budget"],
             budget_unit=d["budget_unit"],
             layers=[
-                LayerPlan(l["layer"], l["policy"], l["budget"], dict(l["params"]), l.get("predicted_loss"))
+                LayerPlan(l["layer"], l["policy"], l["budget"], dict(l["params"]), _float(l.get("predicted_loss")))
                 for l in d["layers"]
             ],
-            predicted_loss=d["predicted_loss"],
+            predicted_loss=_float(d["predicted_loss"]),
             provenance=d["provenance"],
         )
 
@@ -324,12 +335,12 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
         raise PlanError(f"budget_unit is {d['budget_unit']!r} but this model's geometry needs {cm.unit!r}; "
                         "regenerate the plan")
     used = sum(cm.cost(i, lp["budget"]) for i, lp in enumerate(layers))
-    if "used_budget" in d and d["used_budget"] != used:
-        raise PlanError(f"used_budget {d['used_budget']} does not match the layers ({used} {cm.unit}); "
-                        "regenerate the plan")
     if used > d["total_budget"]:
         raise PlanError(f"layers cost {used} {cm.unit}, over total_budget {d['total_budget']}; "
                         "lower some budgets or re-solve")
+    if "used_budget" in d and d["used_budget"] != used:
+        raise PlanError(f"used_budget {d['used_budget']} does not match the layers ({used} {cm.unit}); "
+                        "regenerate the plan")
     if check_policies:
         known = _known_policies()
         unknown = sorted({lp["policy"] for lp in layers} - set(known))

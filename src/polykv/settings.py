@@ -29,7 +29,10 @@ class LayerSetting:
         budget = obs.num_tokens if self.policy.name == "full" else self.budget
         if budget >= obs.num_tokens:
             return select(obs.keys.new_zeros(obs.keys.shape[:3]), obs.num_tokens, obs.valid)
-        return select(self.policy.score(obs, budget), budget, obs.valid)
+        key = ("score", self.policy, budget if self.policy.budget_dependent else None)
+        if key not in obs.memo:
+            obs.memo[key] = self.policy.score(obs, budget)
+        return select(obs.memo[key], budget, obs.valid)
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.policy.name, "budget": self.budget, "params": self.policy.params()}

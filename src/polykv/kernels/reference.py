@@ -87,7 +87,7 @@ def decode_attention(
     batch, q_heads, dim = q.shape
     kv_heads, tmax = k.shape[1], k.shape[2]
     groups = check_gqa(q_heads, kv_heads)
-    queries = q.float().view(batch, kv_heads, groups, dim)
+    queries = q.float().reshape(batch, kv_heads, groups, dim)
     logits = softcapped(torch.matmul(queries, k.float().transpose(-1, -2)) * scaling, softcap)
     lengths = lengths.to(device=k.device, dtype=torch.int64)
     outside = torch.arange(tmax, device=k.device)[None, None, None, :] >= lengths[:, :, None, None]

@@ -38,6 +38,8 @@ class LayerObservation:
     valid: Tensor
     softcap: float | None = None
     cumulative_attention: Tensor | None = None
+    #: scores already computed from this observation (e.g. window attention per window size), reused across budgets
+    memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +61,8 @@ class Policy(ABC):
 
     name: ClassVar[str]
     needs_cumulative: ClassVar[bool] = False
+    #: True when `score` depends on the budget (then scores are not shared across budgets)
+    budget_dependent: ClassVar[bool] = False
     #: How many trailing prompt queries the policy reads (0 = none).
     window_size: ClassVar[int] = 0
 

@@ -15,6 +15,7 @@ from polykv.policies.base import LayerObservation, Policy, protect_last
 class H2O(Policy):
     name = "h2o"
     needs_cumulative = True
+    budget_dependent = True
     recent_fraction: float = 0.5
 
     def score(self, obs: LayerObservation, budget: int) -> Tensor:

@@ -17,8 +17,11 @@ def window_attention(obs: LayerObservation, window: int) -> Tensor:
     from polykv.kernels import window_scores
 
     window = min(window, obs.window_queries.shape[2], obs.num_tokens)
-    queries = obs.window_queries[:, :, -window:, :]
-    return window_scores(queries, obs.keys, obs.scaling, valid=obs.valid, softcap=obs.softcap)
+    key = ("window_attention", window)
+    if key not in obs.memo:
+        queries = obs.window_queries[:, :, -window:, :]
+        obs.memo[key] = window_scores(queries, obs.keys, obs.scaling, valid=obs.valid, softcap=obs.softcap)
+    return obs.memo[key].clone()
 
 
 def pool1d(scores: Tensor, kernel: int, mode: str) -> Tensor:

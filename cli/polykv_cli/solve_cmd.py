@@ -1,0 +1,119 @@
+"""`polykv solve`: calibration curves -> one plan per average budget (or a uniform / pyramid baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from polykv_cli.common import fail, one_line_errors, out
+
+
+def _allocation(uniform: str | None, allocation: str | None) -> tuple[str | None, str]:
+    """(allocation name or None, policy) from --uniform POLICY / --allocation NAME[:POLICY]."""
+    if uniform and allocation:
+        fail("pass either --uniform POLICY or --allocation NAME[:POLICY], not both")
+    if uniform:
+        return "uniform", uniform
+    if not allocation:
+        return None, "snapkv"
+    name, _, policy = allocation.partition(":")
+    if name not in ("uniform", "pyramid"):
+        fail(f"unknown --allocation {name!r}; use pyramid[:POLICY] or uniform:POLICY")
+    if name == "uniform" and not policy:
+        fail("--allocation uniform needs a policy, e.g. --allocation uniform:snapkv")
+    return name, policy or "snapkv"
+
+
+def _fmt_loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _describe(agg) -> str:
+    text = "mean" if agg.statistic == "mean" else f"quantile {agg.q:g}"
+    if agg.category_weights:
+        text += " weighted " + ",".join(f"{c}={w:g}" for c, w in agg.category_weights)
+    return text
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @one_line_errors
+    def solve(
+        calibration: Path = typer.Option(..., "--calibration", "-c", help="Directory written by polykv calibrate."),
+        budget: Optional[int] = typer.Option(None, "--budget", "-b", help="Average tokens per layer."),
+        budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma list, one plan each: 64,128,256."),
+        out_path: Optional[Path] = typer.Option(
+            None, "--out", "-o",
+            help="Plan file (one budget) or directory (avg<budget>.json each); default plans/<model>/.",
+        ),
+        metric: Optional[str] = typer.Option(None, "--metric", help="Loss metric (default e2e_dnll, else proxy_err)."),
+        aggregate: str = typer.Option("mean", "--aggregate", help="Over samples: mean | max | quantile:Q."),
+        category_weights: Optional[str] = typer.Option(None, "--category-weights", help="e.g. qa=2,code=1."),
+        policies: Optional[str] = typer.Option(None, "--policies", help="Comma list the solver may use."),
+        pin: list[str] = typer.Option([], "--pin", help="LAYER:POLICY[:BUDGET] (LAYER or A-B), e.g. 0:full."),
+        min_budget: list[str] = typer.Option([], "--min-budget", help="[LAYER:]N, e.g. 32 or 0-3:64."),
+        max_budget: list[str] = typer.Option([], "--max-budget", help="[LAYER:]N, e.g. 512 or 5:128."),
+        max_policies: Optional[int] = typer.Option(None, "--max-policies", help="At most K distinct policies."),
+        full_cost: Optional[int] = typer.Option(None, "--full-cost", help="Tokens a full pin costs (default: grid max)."),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help="Aggregate incomplete calibrations."),
+        solver: str = typer.Option("auto", "--solver", help="auto | dp | ilp."),
+        cross_check: bool = typer.Option(False, "--cross-check", help="Solve with DP and ILP and compare."),
+        uniform: Optional[str] = typer.Option(None, "--uniform", help="Write the uniform plan of POLICY instead."),
+        allocation: Optional[str] = typer.Option(
+            None, "--allocation", help="Named allocation instead of solving: pyramid[:POLICY] (default snapkv)."),
+        pyramid_beta: float = typer.Option(20.0, "--pyramid-beta", help="Pyramid top layer gets B/beta."),
+    ) -> None:
+        """Choose each layer's (policy, budget) to minimise predicted loss under the total KV budget."""
+        from polykv.solve.constraints import SolveOptions, parse_budgets, parse_layer_values, parse_pins, parse_weights
+        from polykv.solve.runner import SolveRequest, load_table, plan_paths, plans_for, write_plans
+        from polykv.solve.summary import summarize
+
+        if (budget is None) == (budgets is None):
+            fail("pass exactly one of --budget N or --budgets LIST")
+        wanted = (budget,) if budget is not None else parse_budgets(budgets or "")
+        kind, policy = _allocation(uniform, allocation)
+        request = SolveRequest(calibration, wanted, metric, aggregate, parse_weights(category_weights), allow_missing,
+                               kind, policy, pyramid_beta)
+        table, provenance = load_table(request)
+        n = table.num_layers
+        options = SolveOptions(
+            policies=tuple(p.strip() for p in policies.split(",") if p.strip()) if policies else None,
+            pins=parse_pins(pin, n),
+            min_budget=parse_layer_values(min_budget, n, "--min-budget"),
+            max_budget=parse_layer_values(max_budget, n, "--max-budget"),
+            max_policies=max_policies,
+            full_cost=full_cost,
+            solver=solver,
+            cross_check=cross_check,
+        )
+        plans = plans_for(replace(request, options=options), table, provenance)
+        paths = plan_paths(table.model, wanted, out_path, kind, policy)
+        write_plans(plans, paths)
+
+        out.print(f"[bold]{table.model}[/] ({plans[0].fingerprint_hash}) · metric {table.metric} · "
+                  f"{_describe(table.aggregation)} · unit {plans[0].budget_unit}", highlight=False, soft_wrap=True)
+        grid = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("avg", "pred. loss", "best uniform", "Δ", "min/med/max", "fill", "policies"):
+            wide = col in ("best uniform", "policies")
+            grid.add_column(col, justify="left" if wide else "right", no_wrap=not wide,
+                            min_width=14 if col == "policies" else None, overflow="fold")
+        for plan in plans:
+            s = summarize(plan, table)
+            u = s.best_uniform
+            grid.add_row(
+                f"{s.average_budget:g}",
+                _fmt_loss(s.predicted_loss),
+                "-" if u is None else f"{u.policy}@{u.budget} {_fmt_loss(u.loss)}",
+                "-" if s.gain is None else f"{-100 * s.gain:+.1f}%",
+                f"{s.budget_min}/{s.budget_median:g}/{s.budget_max}",
+                f"{100 * s.used_budget / s.total_budget:.0f}%",
+                " ".join(f"{p}:{c}" for p, c in s.policy_counts.items()),
+            )
+        out.print(grid)
+        for path in paths:
+            out.print(str(path), highlight=False, markup=False, soft_wrap=True)

@@ -1,0 +1,240 @@
+"""The calibration loop: one prefill per sample, curves and statistics to Parquet, resumable after any crash.
+
+Each sample's rows are written as one Parquet part per table, atomically (temp file + rename), statistics first
+and curves last; a sample counts as done when its curves part exists. A run killed at any point and started again
+with the same settings skips the done samples and redoes the rest, so its output equals an uninterrupted run
+(the computation is deterministic for a given machine, model and settings). `metadata.json` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+import torch
+
+from polykv.calibrate.sample import PreparedSample, prepare
+from polykv.calibrate.schema import CURVE_METRICS, SCHEMA_VERSION, table
+from polykv.calibrate.sensitivity import Option, e2e_losses, proxy_losses
+from polykv.calibrate.statistics import layer_statistics
+from polykv.errors import CalibrationError, InputError
+from polykv.io import atomic_write, atomic_write_json
+from polykv.models import LoadedModel, fingerprint
+from polykv.plan import fingerprint_hash, polykv_version
+from polykv.policies import make_policy, policy_names
+from polykv.settings import LayerSetting
+
+MEASURES = ("proxy", "e2e", "both")
+CAPTURE_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Everything that determines a calibration's output (stored in run.json and metadata.json)."""
+
+    policies: tuple[str, ...] = tuple(policy_names())
+    budgets: tuple[int, ...] | None = None  # None: 16, 32, 64, ... up to the longest prompt
+    measure: str = "proxy"
+    max_context: int | None = 4096
+    e2e_batch: int = 8
+
+    def check(self) -> None:
+        if self.measure not in MEASURES:
+            raise InputError(f"unknown --measure {self.measure!r}; use proxy, e2e or both")
+        unknown = [p for p in self.policies if p not in policy_names()]
+        if unknown:
+            raise InputError(f"unknown policies {', '.join(unknown)}; known: {', '.join(policy_names())}")
+        if self.budgets is not None and (not self.budgets or min(self.budgets) < 1):
+            raise InputError("--budgets must be positive integers, e.g. 16,32,64")
+
+
+def budget_grid(prompt_tokens: int, budgets: tuple[int, ...] | None) -> list[int]:
+    """The configured budgets, or powers of two from 16 up to the first one >= the prompt (everything kept)."""
+    if budgets is not None:
+        return sorted(set(budgets))
+    grid, b = [], 16
+    while True:
+        grid.append(b)
+        if b >= prompt_tokens:
+            return grid
+        b *= 2
+
+
+@dataclass
+class SampleResult:
+    sample_id: str
+    prompt_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _options(config: CalibrationConfig, prompt_tokens: int) -> list[Option]:
+    opts = []
+    for name in config.policies:
+        policy = make_policy(name)
+        for b in budget_grid(prompt_tokens, config.budgets):
+            opts.append(Option(name, b, LayerSetting(policy, b)))
+    return opts
+
+
+def measure_sample(model, prepared: PreparedSample, config: CalibrationConfig, tick: Callable[[int], None] | None = None):
+    """Curve rows and statistics rows (as tuples) for one prepared sample, and the seconds each part took."""
+    options = _options(config, prepared.prompt_tokens)
+    curves, stats, seconds = [], [], {"proxy": 0.0, "e2e": 0.0, "statistics": 0.0}
+    for layer in range(prepared.capture.num_layers):
+        t = time.perf_counter()
+        for head, metric, value in layer_statistics(prepared, layer):
+            stats.append((layer, head, None, None, metric, value))
+        seconds["statistics"] += time.perf_counter() - t
+        if config.measure in ("proxy", "both"):
+            t = time.perf_counter()
+            for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options)):
+                curves.append((layer, None, opt.policy, opt.budget, "proxy_err", err))
+                curves.append((layer, None, opt.policy, opt.budget, "proxy_mass", mass))
+            seconds["proxy"] += time.perf_counter() - t
+        if config.measure in ("e2e", "both"):
+            t = time.perf_counter()
+            for opt, (dnll, kl) in zip(options, e2e_losses(model, prepared, layer, options, config.e2e_batch)):
+                curves.append((layer, None, opt.policy, opt.budget, "e2e_dnll", dnll))
+                curves.append((layer, None, opt.policy, opt.budget, "e2e_kl", kl))
+            seconds["e2e"] += time.perf_counter() - t
+        if tick:
+            tick(len(options))
+    return curves, stats, seconds
+
+
+def _rows(model_name: str, fp_hash: str, sample, rows: list[tuple]) -> dict[str, list]:
+    cols = ("layer", "head", "policy", "budget", "metric", "value")
+    out: dict[str, list] = {"model": [], "fingerprint": [], "sample_id": [], "category": []}
+    out.update({c: [] for c in cols})
+    for row in rows:
+        out["model"].append(model_name)
+        out["fingerprint"].append(fp_hash)
+        out["sample_id"].append(sample.id)
+        out["category"].append(sample.category)
+        for c, v in zip(cols, row):
+            out[c].append(v)
+    return out
+
+
+def _write_parquet(path: Path, data: dict[str, list]) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table(data), tmp, compression="zstd"))
+
+
+def _check_resume(out: Path, run_info: dict, overwrite: bool) -> None:
+    run_json = out / "run.json"
+    if run_json.exists() and not overwrite:
+        try:
+            previous = json.loads(run_json.read_text())
+        except json.JSONDecodeError:
+            raise CalibrationError(f"{run_json} is corrupt; remove {out} or pass --overwrite to start again")
+        if previous != run_info:
+            changed = sorted(k for k in set(previous) | set(run_info) if previous.get(k) != run_info.get(k))
+            if changed == ["settings"]:
+                old, new = previous["settings"], run_info["settings"]
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise CalibrationError(
+                f"{out} holds a calibration with other settings ({', '.join(changed)} differ); "
+                "use another --out, or --overwrite to replace it"
+            )
+    elif run_json.exists() and overwrite:
+        for sub in ("curves", "statistics"):
+            for part in (out / sub).glob("part-*.parquet"):
+                part.unlink()
+        (out / "metadata.json").unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def calibrate(
+    loaded: LoadedModel,
+    samples: list,
+    config: CalibrationConfig,
+    out: str | Path,
+    data_hash: str,
+    overwrite: bool = False,
+    on_sample: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> dict:
+    """Calibrate `samples` into `out`; returns the metadata dict. Resumes a matching unfinished run.
+
+    With world > 1 (torch.distributed), rank r does samples r, r + world, ...; rank 0 writes run.json first
+    and metadata.json once every part exists (the caller synchronises the ranks).
+    """
+    config.check()
+    if not samples:
+        raise InputError("no calibration samples; pass --data with a non-empty JSONL file")
+    out = Path(out)
+    fp = fingerprint(loaded.model.config)
+    fp_hash = fingerprint_hash(fp)
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    run_info = {
+        "schema_version": SCHEMA_VERSION,
+        "model": loaded.name,
+        "fingerprint": fp,
+        "dtype": dtype,
+        "data_hash": data_hash,
+        "sample_ids": [s.id for s in samples],
+        "settings": {
+            **asdict(config),
+            "capture_window": CAPTURE_WINDOW,
+            "policy_params": {name: make_policy(name).params() for name in config.policies},
+        },
+    }
+    run_info = json.loads(json.dumps(run_info))  # the form it has once saved (tuples become lists)
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CalibrationError(f"cannot create --out {out} ({exc.strerror}); choose a writable directory")
+        _check_resume(out, run_info, overwrite)
+        atomic_write_json(out / "run.json", run_info)
+    timings: dict[str, dict] = {}
+    started = time.perf_counter()
+    for index, sample in enumerate(samples):
+        if index % world != rank:
+            continue
+        part = f"part-{index:05d}.parquet"
+        if (out / "curves" / part).exists():
+            if on_sample:
+                on_sample(index, 0)
+            continue
+        t0 = time.perf_counter()
+        prepared = prepare(
+            loaded.model, loaded.tokenizer, sample.context, sample.question, sample.answers[0],
+            config.max_context, CAPTURE_WINDOW,
+        )
+        t1 = time.perf_counter()
+        if on_sample:
+            on_sample(index, len(_options(config, prepared.prompt_tokens)) * prepared.capture.num_layers)
+        curves, stats, seconds = measure_sample(loaded.model, prepared, config, on_progress)
+        _write_parquet(out / "statistics" / part, _rows(loaded.name, fp_hash, sample, stats))
+        _write_parquet(out / "curves" / part, _rows(loaded.name, fp_hash, sample, curves))
+        timings[sample.id] = {"prompt_tokens": prepared.prompt_tokens, "prefill_s": t1 - t0, **seconds}
+        del prepared
+    meta = {
+        **run_info,
+        "fingerprint_hash": fp_hash,
+        "polykv_version": polykv_version(),
+        "curve_metrics": [m for k, ms in CURVE_METRICS.items() if config.measure in (k, "both") for m in ms],
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "timings": {"this_process_s": time.perf_counter() - started, "per_sample": timings},
+    }
+    return meta
+
+
+def finish(out: str | Path, meta: dict, extra_timings: list[dict] | None = None) -> dict:
+    """Write metadata.json once every sample's parts exist (rank 0, after all ranks are done)."""
+    out = Path(out)
+    missing = [i for i in range(len(meta["sample_ids"])) if not (out / "curves" / f"part-{i:05d}.parquet").exists()]
+    if missing:
+        raise CalibrationError(f"{len(missing)} samples have no curves yet (first: #{missing[0]}); run calibrate again to resume")
+    for t in extra_timings or []:
+        meta["timings"]["per_sample"].update(t)
+    atomic_write_json(out / "metadata.json", meta)
+    return meta

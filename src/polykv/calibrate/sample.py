@@ -1,0 +1,63 @@
+"""One calibration sample, prefilled once: the capture, the teacher-forced answer and its full-cache baseline.
+
+The answer is teacher-forced as a chunk after the prompt: the first answer token is predicted by the prefill itself
+(compression happens after the prefill, so it cannot change it); the chunk [a1 .. am] predicts [a2 .. am, EOS].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from polykv.attention import polykv_attention
+from polykv.capture import Capture, capture
+from polykv.errors import InputError
+from polykv.prompts import encode
+
+
+@dataclass
+class PreparedSample:
+    capture: Capture
+    answer_in: Tensor  # (1, m) the teacher-forced chunk
+    targets: Tensor  # (1, m) what each chunk position should predict
+    full_logprobs: Tensor  # (m, V) fp32, under the full cache
+    full_nll: float
+    answer_queries: dict[int, Tensor]  # layer -> (1, Hq, m, D)
+    answer_keys: dict[int, tuple[Tensor, Tensor]]  # layer -> keys, values of prompt + answer (1, Hkv, T+m, D)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.capture.cache.layers[0].seen
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, tokenizer, context: str, question: str, answer: str, max_context: int | None,
+            window: int) -> PreparedSample:
+    """Prefill the prompt once (recording every layer), then teacher-force the answer over the full cache."""
+    prompt = encode(tokenizer, context, question, max_tokens=max_context)
+    ans = tokenizer(answer.strip(), add_special_tokens=False, return_tensors="pt").input_ids
+    if ans.shape[1] == 0:
+        raise InputError("a calibration sample has an empty answer; every sample needs a non-empty answers[0]")
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    targets = torch.cat([ans[:, 1:], torch.tensor([[eos]])], dim=1).to(device)
+    cap = capture(model, prompt.ids.to(device), window=window, cumulative=True)
+    full = cap.compress([None] * cap.num_layers)
+    full.observer = cap.observer
+    cap.observer.chunk_queries.clear()
+    with polykv_attention(model):
+        logits = model(input_ids=ans.to(device), past_key_values=full, use_cache=True).logits[0].float()
+    full.observer = None
+    logprobs = torch.log_softmax(logits, dim=-1)
+    nll = float(-logprobs.gather(-1, targets[0, :, None]).mean())
+    return PreparedSample(
+        capture=cap,
+        answer_in=ans.to(device),
+        targets=targets,
+        full_logprobs=logprobs,
+        full_nll=nll,
+        answer_queries=dict(cap.observer.chunk_queries),
+        answer_keys={i: (layer.keys, layer.values) for i, layer in enumerate(full.layers)},
+    )

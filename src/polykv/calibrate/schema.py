@@ -1,0 +1,41 @@
+"""The calibration output: a directory with two Parquet datasets in tidy long format, and metadata.
+
+    DIR/run.json          settings of the run (written first; a resumed run must match it)
+    DIR/curves/part-NNNNN.parquet       one file per sample: sensitivity curves
+    DIR/statistics/part-NNNNN.parquet   one file per sample: attention statistics
+    DIR/metadata.json     written last: model, fingerprint, data hash, settings, timings (its presence = complete)
+
+Both tables share one schema (version `SCHEMA_VERSION`): model, fingerprint (12-hex hash of the model fingerprint),
+sample_id, category, layer, head (null = whole layer), policy and budget (null for statistics), metric, value.
+Curve metrics: `proxy_err` (relative attention-output error, lower is better), `proxy_mass` (share of the answer
+queries' attention mass kept, higher is better), `e2e_dnll` (rise in answer NLL, nats/token), `e2e_kl`
+(KL(full || compressed) per answer token). Statistics metrics: see `polykv.calibrate.statistics`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("fingerprint", pa.string()),
+        ("sample_id", pa.string()),
+        ("category", pa.string()),
+        ("layer", pa.int32()),
+        ("head", pa.int32()),
+        ("policy", pa.string()),
+        ("budget", pa.int32()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ],
+    metadata={"polykv_schema_version": str(SCHEMA_VERSION)},
+)
+
+CURVE_METRICS = {"proxy": ("proxy_err", "proxy_mass"), "e2e": ("e2e_dnll", "e2e_kl")}
+
+
+def table(rows: dict[str, list]) -> pa.Table:
+    return pa.Table.from_pydict(rows, schema=SCHEMA)

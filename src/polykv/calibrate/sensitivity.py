@@ -1,0 +1,132 @@
+"""Sensitivity of each layer to each (policy, budget): the loss when only that layer is compressed that way.
+
+- proxy: relative error of the layer's attention output for the answer-token queries (teacher-forced under the full
+  cache) when its prompt KV is reduced to the kept set, plus the share of attention mass the kept set holds. Pure
+  tensor work on the captured K, V, Q: nothing is re-run.
+- e2e: the rise in answer NLL (and KL to the full-cache next-token distributions) when only that layer is
+  compressed, by teacher-forcing the answer chunk over a cache where that one layer is compressed; the prefill is
+  reused, and the options of one layer run as one batch (ragged kept sets padded with masked entries).
+Options whose kept sets are identical (e.g. `full` and any budget >= context) are computed once and shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from polykv.attention import polykv_attention
+from polykv.cache import PolyKVCache
+from polykv.capture import clone_layer
+from polykv.calibrate.sample import PreparedSample
+from polykv.settings import LayerSetting
+
+
+@dataclass(frozen=True)
+class Option:
+    policy: str
+    budget: int
+    setting: LayerSetting
+
+
+def kept_sets(sample: PreparedSample, layer: int, options: list[Option]) -> tuple[list[Tensor], list[int]]:
+    """Unique kept-index tensors (1, Hkv, K) for this layer and, per option, which unique set it maps to."""
+    obs = sample.capture.observation(layer)
+    unique: list[Tensor] = []
+    keys: dict[bytes, int] = {}
+    which = []
+    for opt in options:
+        idx = opt.setting.kept_indices(obs)
+        key = bytes(str(tuple(idx.shape)), "ascii") + idx.cpu().numpy().tobytes()
+        if key not in keys:
+            keys[key] = len(unique)
+            unique.append(idx)
+        which.append(keys[key])
+    return unique, which
+
+
+def _answer_attention(sample: PreparedSample, layer: int) -> tuple[Tensor, Tensor, int]:
+    """Full-cache attention probabilities (Hq, m, T+m) of the answer queries, and the values repeated per head."""
+    obs = sample.capture.observation(layer)
+    q = sample.answer_queries[layer][0].float()
+    keys, values = sample.answer_keys[layer]
+    groups = q.shape[0] // keys.shape[1]
+    k = keys[0].float().repeat_interleave(groups, dim=0)
+    v = values[0].float().repeat_interleave(groups, dim=0)
+    tokens, m = obs.num_tokens, q.shape[1]
+    logits = torch.matmul(q, k.transpose(-1, -2)) * obs.scaling
+    if obs.softcap is not None:
+        logits = obs.softcap * torch.tanh(logits / obs.softcap)
+    cols = torch.arange(tokens + m, device=q.device)
+    qcols = torch.arange(tokens, tokens + m, device=q.device)[:, None]
+    allowed = cols[None, :] <= qcols
+    window = sample.capture.cache.layers[layer].sliding_window
+    if window is not None:
+        allowed &= qcols - cols[None, :] < window
+    prompt_valid = torch.cat([obs.valid[0], torch.ones(m, dtype=torch.bool, device=q.device)])
+    allowed &= prompt_valid[None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed[None], float("-inf")), dim=-1)
+    return probs, v, tokens
+
+
+def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> list[tuple[float, float]]:
+    """(relative output error, kept attention mass) per option for this layer."""
+    probs, v, tokens = _answer_attention(sample, layer)
+    full_out = torch.matmul(probs, v)
+    full_norm = full_out.norm().clamp_min(1e-12)
+    prompt_mass = probs[..., :tokens].sum().clamp_min(1e-12)
+    groups = probs.shape[0] // sample.capture.observation(layer).keys.shape[1]
+    unique, which = kept_sets(sample, layer, options)
+    results = []
+    for idx in unique:
+        keep = torch.zeros(idx.shape[1], tokens, dtype=probs.dtype, device=probs.device)
+        keep.scatter_(1, idx[0], 1.0)
+        keep = torch.cat([keep.repeat_interleave(groups, dim=0), torch.ones(probs.shape[0], probs.shape[-1] - tokens)], 1)
+        kept = probs * keep[:, None, :]
+        out = torch.matmul(kept, v) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        err = float((out - full_out).norm() / full_norm)
+        mass = float(kept[..., :tokens].sum() / prompt_mass)
+        results.append((err, mass))
+    return [results[w] for w in which]
+
+
+def _batched_cache(sample: PreparedSample, layer: int, sets: list[Tensor]) -> PolyKVCache:
+    """A cache of len(sets) rows: every layer full (shared, expanded) except `layer`, compressed per row."""
+    rows = len(sets)
+    layers = []
+    for i, src in enumerate(sample.capture.cache.layers):
+        dst = clone_layer(src)
+        if i == layer:
+            width = max(s.shape[-1] for s in sets)
+            idx = torch.zeros(rows, src.keys.shape[1], width, dtype=torch.long, device=src.keys.device)
+            valid = torch.zeros(rows, src.keys.shape[1], width, dtype=torch.bool, device=src.keys.device)
+            for r, s in enumerate(sets):
+                idx[r, :, : s.shape[-1]] = s[0]
+                valid[r, :, : s.shape[-1]] = True
+            dst.keys, dst.values, dst.columns = (t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns))
+            dst.keep(idx, entry_valid=valid)
+        else:
+            dst.keys, dst.values, dst.columns = (t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns))
+        layers.append(dst)
+    return PolyKVCache(layers)
+
+
+@torch.no_grad()
+def e2e_losses(model: nn.Module, sample: PreparedSample, layer: int, options: list[Option], batch: int = 8
+               ) -> list[tuple[float, float]]:
+    """(NLL rise, KL to full) per option when only `layer` is compressed, in batches of `batch` kept sets."""
+    unique, which = kept_sets(sample, layer, options)
+    full_lp = sample.full_logprobs
+    results: list[tuple[float, float]] = []
+    with polykv_attention(model):
+        for start in range(0, len(unique), batch):
+            sets = unique[start : start + batch]
+            cache = _batched_cache(sample, layer, sets)
+            inputs = sample.answer_in.expand(len(sets), -1)
+            logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits.float()
+            lp = torch.log_softmax(logits, dim=-1)
+            nll = -lp.gather(-1, sample.targets.expand(len(sets), -1)[..., None])[..., 0].mean(-1)
+            kl = (full_lp.exp()[None] * (full_lp[None] - lp)).sum(-1).mean(-1)
+            results.extend((float(n) - sample.full_nll, float(k)) for n, k in zip(nll, kl))
+    return [results[w] for w in which]

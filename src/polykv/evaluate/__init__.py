@@ -1,0 +1,1 @@
+"""Evaluation: task files, metrics and the shipped long-context task suite."""

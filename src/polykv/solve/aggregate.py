@@ -1,0 +1,278 @@
+"""Curves -> option table: one predicted loss per (layer, policy, budget), aggregated over calibration samples.
+
+Input rows are per sample; the solver needs one number per option. Rules:
+- metric: `e2e_dnll` when present, else `proxy_err`, unless one is named; lower is better for both.
+- whole-layer rows (`head` null) are used; if a table has only per-head rows, heads are averaged per layer first.
+- `full` rows are ignored: `full` keeps the whole context, it is not a budget option (see runner: pins).
+- statistic over samples: `mean` (default), or `quantile:Q` / `max` for a robust plan that guards the bad tail.
+  Quantiles use the inverted CDF of the (weighted) samples: the smallest value whose cumulative weight >= Q.
+- category weights: with none, every sample weighs the same; with {category: w}, each category counts as a whole,
+  i.e. its samples share its weight w equally (unlisted categories weigh 1, weight 0 drops a category).
+- completeness: every (layer, policy, budget) of the grid must be present for every sample, else a
+  CalibrationError names what is missing; `allow_missing` aggregates what exists and drops empty options.
+- sliding layers hold at most `window` tokens: their options above the window collapse into one option at
+  budget = window (the loss of the smallest calibrated budget >= window); they need not be calibrated above it.
+- NaN or infinite values are an error (naming where), never silently skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from polykv.errors import CalibrationError
+from polykv.plan import CostModel
+
+METRIC_PREFERENCE = ("e2e_dnll", "proxy_err")
+KEY = ["sample_id", "layer", "policy", "budget"]
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-sample losses become one loss per option: a statistic and optional category weights."""
+
+    statistic: str = "mean"
+    q: float | None = None
+    category_weights: tuple[tuple[str, float], ...] | None = None
+
+    @classmethod
+    def parse(cls, spec: str = "mean", category_weights: Mapping[str, float] | None = None) -> "Aggregation":
+        """`mean`, `max` or `quantile:Q` (0 <= Q <= 1), plus {category: weight >= 0}."""
+        spec = spec.strip().lower()
+        if spec == "mean":
+            stat, q = "mean", None
+        elif spec == "max":
+            stat, q = "quantile", 1.0
+        elif spec.startswith("quantile:"):
+            try:
+                stat, q = "quantile", float(spec.split(":", 1)[1])
+            except ValueError:
+                stat, q = "quantile", float("nan")
+            if not 0.0 <= q <= 1.0:
+                raise CalibrationError(f"aggregate {spec!r}: the quantile must be a number in [0, 1], e.g. quantile:0.9")
+        else:
+            raise CalibrationError(f"unknown aggregate {spec!r}; use mean, max or quantile:Q (e.g. quantile:0.9)")
+        weights = None
+        if category_weights:
+            bad = {k: v for k, v in category_weights.items() if not (np.isfinite(v) and v >= 0)}
+            if bad:
+                raise CalibrationError(f"category weights must be finite and >= 0, got {bad}")
+            weights = tuple(sorted((str(k), float(v)) for k, v in category_weights.items()))
+        return cls(stat, q, weights)
+
+    def describe(self) -> dict:
+        d: dict = {"statistic": self.statistic}
+        if self.q is not None:
+            d["q"] = self.q
+        if self.category_weights:
+            d["category_weights"] = dict(self.category_weights)
+        return d
+
+
+@dataclass(frozen=True, eq=False)
+class OptionTable:
+    """Per layer, the aggregated loss of every available (policy, budget) option for one model.
+
+    `frame` columns: layer, policy, budget (tokens the layer holds), loss, samples; sorted by layer, policy, budget.
+    `grid` is the calibrated budget grid (before sliding layers were capped).
+    """
+
+    model: str
+    fingerprint: dict
+    metric: str
+    aggregation: Aggregation
+    frame: pd.DataFrame
+    grid: tuple[int, ...]
+    policy_params: dict[str, dict] = field(default_factory=dict)
+    allow_missing: bool = False
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.fingerprint["num_layers"])
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return tuple(sorted(self.frame["policy"].unique()))
+
+    @cached_property
+    def cost_model(self) -> CostModel:
+        return CostModel.for_fingerprint(self.fingerprint)
+
+    @cached_property
+    def _curves(self) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for (layer, policy), g in self.frame.groupby(["layer", "policy"], sort=True):
+            out[(int(layer), str(policy))] = (g["budget"].to_numpy(np.int64), g["loss"].to_numpy(np.float64))
+        return out
+
+    def params(self, policy: str) -> dict:
+        return dict(self.policy_params.get(policy, {}))
+
+    def predicted_loss(self, layer: int, policy: str, budget: int) -> float | None:
+        """Loss of `policy` at `budget` on `layer`: exact on the grid, linear between grid points, else None.
+
+        `full` always predicts 0 (nothing is evicted); sliding layers are read at min(budget, window).
+        """
+        if policy == "full":
+            return 0.0
+        curve = self._curves.get((layer, policy))
+        if curve is None:
+            return None
+        budgets, losses = curve
+        b = self.cost_model.effective(layer, budget)
+        if b < budgets[0] or b > budgets[-1]:
+            return None
+        return float(np.interp(b, budgets, losses))
+
+
+def choose_metric(available: list[str], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in available:
+            raise CalibrationError(f"metric {requested!r} is not in the calibration (it has {', '.join(available)}); "
+                                   "pick one of those with --metric")
+        return requested
+    for metric in METRIC_PREFERENCE:
+        if metric in available:
+            return metric
+    raise CalibrationError(f"calibration has none of the metrics {', '.join(METRIC_PREFERENCE)} "
+                           f"(it has {', '.join(available) or 'none'}); pass --metric NAME")
+
+
+def _whole_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
+    if "head" not in df.columns:
+        return df
+    whole = df[df["head"].isna()]
+    if len(whole) or not len(df):
+        return whole
+    return df.groupby(["sample_id", "category", "layer", "policy", "budget"], as_index=False, sort=True)["value"].mean()
+
+
+def _check_rows(df: pd.DataFrame, num_layers: int) -> None:
+    bad = df[~np.isfinite(df["value"].to_numpy(np.float64))]
+    if len(bad):
+        where = "; ".join(f"layer {r.layer} {r.policy}@{r.budget} sample {r.sample_id}" for r in bad.head(3).itertuples())
+        raise CalibrationError(f"{len(bad)} NaN/infinite loss value(s) in the curves (e.g. {where}); "
+                               "fix or re-run calibration for them")
+    out_of_range = sorted(set(df["layer"][(df["layer"] < 0) | (df["layer"] >= num_layers)].tolist()))
+    if out_of_range:
+        raise CalibrationError(f"curves have layer(s) {out_of_range[:5]} but the model has {num_layers} layers; "
+                               "the curves come from another model")
+    if (df["budget"] < 1).any():
+        raise CalibrationError("curves have budgets < 1 token; re-run calibration with a positive budget grid")
+    cats = df.groupby("sample_id")["category"].nunique()
+    if (cats > 1).any():
+        raise CalibrationError(f"sample(s) {', '.join(cats[cats > 1].index[:3])} have several categories; "
+                               "give each sample one category")
+    dup = df[df.duplicated(KEY, keep=False)]
+    if len(dup):
+        r = dup.iloc[0]
+        raise CalibrationError(f"{len(dup)} duplicate rows (e.g. layer {r.layer} {r.policy}@{r.budget} sample "
+                               f"{r.sample_id}); each (sample, layer, policy, budget) must appear once, "
+                               "remove duplicated part files")
+
+
+def _sample_weights(mask: np.ndarray, sample_cats: np.ndarray, categories: list[str], agg: Aggregation) -> np.ndarray:
+    """(options, samples) weights: 1 per present value, or category weight shared by the category's samples."""
+    if not agg.category_weights:
+        return mask.astype(np.float64)
+    weights = dict(agg.category_weights)
+    unknown = sorted(set(weights) - set(categories))
+    if unknown:
+        raise CalibrationError(f"category weights name {', '.join(unknown)}, not in the calibration "
+                               f"(categories: {', '.join(categories)}); fix the names")
+    cat_w = np.array([weights.get(c, 1.0) for c in categories])
+    onehot = np.eye(len(categories))[sample_cats]  # (S, C)
+    counts = mask.astype(np.float64) @ onehot  # (O, C) present samples per category
+    per_sample = counts[:, sample_cats]  # (O, S)
+    return np.where(mask, cat_w[sample_cats] / np.maximum(per_sample, 1.0), 0.0)
+
+
+def _statistic(values: np.ndarray, weights: np.ndarray, agg: Aggregation) -> np.ndarray:
+    total = weights.sum(axis=1)
+    if agg.statistic == "mean":
+        return (np.where(weights > 0, values, 0.0) * weights).sum(axis=1) / total
+    order = np.argsort(np.where(weights > 0, values, np.inf), axis=1, kind="stable")
+    v = np.take_along_axis(values, order, axis=1)
+    w = np.take_along_axis(weights, order, axis=1)
+    cum = np.cumsum(w, axis=1)
+    reached = (cum >= agg.q * total[:, None] * (1 - 1e-12)) & (w > 0)
+    return v[np.arange(len(v)), reached.argmax(axis=1)]
+
+
+def _collapse_sliding(frame: pd.DataFrame, caps: np.ndarray) -> pd.DataFrame:
+    """On sliding layers the one kept option at or above the window becomes budget = window (module docstring)."""
+    cap = caps[frame["layer"].to_numpy()]
+    over = frame["budget"].to_numpy() > cap
+    frame.loc[over, "budget"] = cap[over]
+    return frame
+
+
+def aggregate(
+    curves: pd.DataFrame,
+    fingerprint: dict,
+    model: str,
+    metric: str | None = None,
+    aggregation: Aggregation = Aggregation(),
+    allow_missing: bool = False,
+    policy_params: Mapping[str, dict] | None = None,
+) -> OptionTable:
+    """Aggregate tidy calibration curves into an OptionTable (rules in the module docstring)."""
+    cm = CostModel.for_fingerprint(fingerprint)
+    n = cm.num_layers
+    metric = choose_metric(sorted(curves["metric"].astype(str).unique()), metric)
+    df = curves[(curves["metric"] == metric) & (curves["policy"] != "full")]
+    df = _whole_layer_rows(df)[["sample_id", "category", "layer", "policy", "budget", "value"]]
+    if df.empty:
+        raise CalibrationError(f"no {metric} curves for any policy other than full; calibrate some policies")
+    df = df.astype({"sample_id": str, "category": str, "policy": str, "layer": np.int64, "budget": np.int64,
+                    "value": np.float64})
+    _check_rows(df, n)
+
+    policies = sorted(df["policy"].unique())
+    grid = np.array(sorted(df["budget"].unique()), dtype=np.int64)
+    samples = sorted(df["sample_id"].unique())
+    categories = sorted(df["category"].unique())
+    cat_of = df.drop_duplicates("sample_id").set_index("sample_id")["category"]
+    sample_cats = np.searchsorted(categories, cat_of.loc[samples].to_numpy())
+
+    P, B, S = len(policies), len(grid), len(samples)
+    opt = (df["layer"].to_numpy() * P + np.searchsorted(policies, df["policy"].to_numpy())) * B + np.searchsorted(
+        grid, df["budget"].to_numpy())
+    values = np.full((n * P * B, S), np.nan)
+    values[opt, np.searchsorted(samples, df["sample_id"].to_numpy())] = df["value"].to_numpy()
+    mask = ~np.isnan(values)
+
+    layer_of = np.repeat(np.arange(n), P * B)
+    policy_of = np.tile(np.repeat(np.arange(P), B), n)
+    budget_of = np.tile(grid, n * P)
+    caps = np.array([c if c is not None else np.iinfo(np.int64).max for c in cm.caps], dtype=np.int64)
+    cap_of = caps[layer_of]
+    # sliding layers need no calibration above their window (only the first budget >= window is used)
+    first_over = np.zeros_like(budget_of, dtype=bool)
+    for layer, cap in enumerate(cm.caps):
+        if cap is not None and (grid >= cap).any():
+            first_over[layer_of == layer] = np.tile(grid == grid[grid >= cap][0], P)
+    required = (budget_of <= cap_of) | first_over
+    missing = required[:, None] & ~mask
+    if missing.any() and not allow_missing:
+        per_option = missing.sum(axis=1)
+        gaps = np.nonzero(per_option)[0]
+        examples = ", ".join(f"layer {layer_of[i]} {policies[policy_of[i]]}@{budget_of[i]} ({per_option[i]} of {S} "
+                             "samples)" for i in gaps[:4])
+        raise CalibrationError(f"calibration lacks {len(gaps)} (layer, policy, budget) option(s) for some samples: "
+                               f"{examples}{', ...' if len(gaps) > 4 else ''}; complete it or pass --allow-missing")
+
+    weights = _sample_weights(mask, sample_cats, categories, aggregation)
+    keep = required & (weights.sum(axis=1) > 0)
+    loss = _statistic(np.where(mask, values, 0.0)[keep], weights[keep], aggregation)
+    frame = pd.DataFrame({
+        "layer": layer_of[keep], "policy": np.array(policies, dtype=object)[policy_of[keep]],
+        "budget": budget_of[keep], "loss": loss, "samples": mask[keep].sum(axis=1),
+    })
+    frame = _collapse_sliding(frame, caps).sort_values(["layer", "policy", "budget"], ignore_index=True)
+    return OptionTable(model, fingerprint, metric, aggregation, frame, tuple(int(b) for b in grid),
+                       {k: dict(v) for k, v in (policy_params or {}).items()}, allow_missing)

@@ -1,0 +1,119 @@
+"""Read a calibration directory (`polykv calibrate` output) and check that its parts describe one model.
+
+Layout: DIR/metadata.json and DIR/curves/ (a Parquet dataset of part files, tidy long format; see
+docs/plan-format.md). Loading checks that the curves' fingerprint column matches metadata.json, and hashes the
+Parquet files so that plans can record exactly which data they were solved from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from polykv.errors import CalibrationError, PlanError
+from polykv.plan import check_fingerprint, fingerprint_hash
+
+CURVE_COLUMNS = ("model", "fingerprint", "sample_id", "category", "layer", "head", "policy", "budget", "metric", "value")
+METADATA_KEYS = ("model", "fingerprint", "fingerprint_hash")
+
+
+@dataclass
+class Calibration:
+    """A loaded calibration directory: metadata, the curves table, and the hash of its Parquet files."""
+
+    path: Path
+    metadata: dict
+    curves: pd.DataFrame
+    parquet_hash: str
+
+    @property
+    def model(self) -> str:
+        return self.metadata["model"]
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.metadata["fingerprint"]
+
+    def policy_params(self) -> dict[str, dict]:
+        """Parameters each policy was calibrated with (metadata settings.policy_params), written into plans."""
+        params = (self.metadata.get("settings") or {}).get("policy_params") or {}
+        return {str(k): dict(v) for k, v in params.items()} if isinstance(params, dict) else {}
+
+    def provenance(self) -> dict:
+        """What a plan records about its calibration data."""
+        return {
+            "calibration_data_hash": self.metadata.get("data_hash"),
+            "parquet_hash": self.parquet_hash,
+            "calibration_polykv_version": self.metadata.get("polykv_version"),
+        }
+
+
+def hash_parquet(curves_dir: Path) -> str:
+    """sha256 (first 16 hex) over the sorted Parquet part files: relative path and bytes of each."""
+    h = hashlib.sha256()
+    for part in sorted(curves_dir.rglob("*.parquet")):
+        h.update(part.relative_to(curves_dir).as_posix().encode() + b"\0")
+        with part.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _read_metadata(path: Path) -> dict:
+    meta_path = path / "metadata.json"
+    if not meta_path.is_file():
+        raise CalibrationError(f"{meta_path} is missing; pass a directory written by `polykv calibrate`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{meta_path} is not valid JSON ({exc}); re-run `polykv calibrate`") from None
+    missing = [k for k in METADATA_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CalibrationError(f"{meta_path} lacks {', '.join(missing)}; re-run `polykv calibrate`")
+    try:
+        check_fingerprint(meta["fingerprint"])
+    except PlanError as exc:
+        raise CalibrationError(f"{meta_path}: {exc}") from None
+    if fingerprint_hash(meta["fingerprint"]) != meta["fingerprint_hash"]:
+        raise CalibrationError(
+            f"{meta_path}: fingerprint_hash {meta['fingerprint_hash']} does not match its fingerprint "
+            f"({fingerprint_hash(meta['fingerprint'])}); the file was edited, re-run `polykv calibrate`"
+        )
+    return meta
+
+
+def check_curves_model(curves: pd.DataFrame, meta: dict, where: str) -> None:
+    """CalibrationError unless every curve row carries metadata's model fingerprint."""
+    expected = meta["fingerprint_hash"]
+    found = sorted(curves["fingerprint"].dropna().astype(str).unique())
+    others = [f for f in found if f != expected]
+    if others:
+        models = sorted(curves.loc[curves["fingerprint"].isin(others), "model"].astype(str).unique())
+        raise CalibrationError(
+            f"{where} holds curves of another model ({', '.join(models)}, fingerprint {', '.join(others)}) "
+            f"than metadata.json ({meta['model']}, fingerprint {expected}); keep one model per calibration directory"
+        )
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Load DIR/metadata.json and DIR/curves; CalibrationError on missing parts or mixed models."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CalibrationError(f"calibration directory {path} does not exist; run `polykv calibrate` first")
+    meta = _read_metadata(path)
+    curves_dir = path / "curves"
+    if not curves_dir.is_dir() or not any(curves_dir.rglob("*.parquet")):
+        raise CalibrationError(f"{curves_dir} has no Parquet files; re-run `polykv calibrate`")
+    try:
+        curves = pd.read_parquet(curves_dir)
+    except Exception as exc:  # pyarrow raises several types for unreadable data
+        raise CalibrationError(f"cannot read Parquet under {curves_dir} ({exc}); re-run `polykv calibrate`") from None
+    missing = [c for c in CURVE_COLUMNS if c not in curves.columns]
+    if missing:
+        raise CalibrationError(f"{curves_dir} lacks column(s) {', '.join(missing)}; re-run `polykv calibrate`")
+    check_curves_model(curves, meta, str(curves_dir))
+    return Calibration(path, meta, curves, hash_parquet(curves_dir))

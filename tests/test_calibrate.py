@@ -1,0 +1,122 @@
+"""Calibration on a tiny random model: schema, metadata, zero-loss invariants, monotone curves, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_loaded, write_samples
+from polykv.calibrate import CalibrationConfig, calibrate, finish
+from polykv.calibrate.schema import SCHEMA, SCHEMA_VERSION
+from polykv.data import data_hash, load_samples
+from polykv.errors import CalibrationError, DataError, InputError
+
+BUDGETS = (8, 32, 128, 4096)
+
+
+def run(tmp_path, measure="proxy", n=3, out_name="cal", **kw):
+    data = tmp_path / "data.jsonl"
+    if not data.exists():
+        write_samples(data, n=n)
+    samples = load_samples(data)
+    loaded = tiny_loaded()
+    config = CalibrationConfig(budgets=BUDGETS, measure=measure, max_context=512, e2e_batch=4)
+    out = tmp_path / out_name
+    meta = calibrate(loaded, samples, config, out, data_hash(samples), **kw)
+    return out, finish(out, meta)
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cal")
+    out, meta = run(tmp, measure="both")
+    return out, meta, pd.read_parquet(out / "curves"), pd.read_parquet(out / "statistics")
+
+
+def test_schema_and_metadata(both):
+    out, meta, curves, stats = both
+    for sub in ("curves", "statistics"):
+        for part in (out / sub).glob("*.parquet"):
+            schema = pq.read_schema(part)
+            assert schema.equals(SCHEMA, check_metadata=False)
+            assert schema.metadata[b"polykv_schema_version"] == str(SCHEMA_VERSION).encode()
+    saved = json.loads((out / "metadata.json").read_text())
+    assert saved["model"] == "tiny-llama"
+    assert saved["fingerprint"]["num_layers"] == 3 and saved["fingerprint"]["num_kv_heads"] == [2, 2, 2]
+    assert saved["fingerprint_hash"] == curves.fingerprint.iloc[0]
+    assert saved["data_hash"] and saved["polykv_version"] and saved["settings"]["budgets"] == list(BUDGETS)
+    assert set(saved["settings"]["policy_params"]["snapkv"]) == {"window", "kernel", "pooling"}
+    assert set(saved["timings"]["per_sample"]) == {"s0", "s1", "s2"}
+    assert set(curves.metric) == {"proxy_err", "proxy_mass", "e2e_dnll", "e2e_kl"}
+    n_policies = len(saved["settings"]["policies"])
+    assert len(curves) == 3 * 3 * n_policies * len(BUDGETS) * 4
+    assert curves["head"].isna().all() and stats["policy"].isna().all()
+    assert {"stat_entropy", "stat_sink_mass", "stat_topk_mass@16", "stat_answer_overlap@64"} <= set(stats.metric)
+    assert stats["head"].notna().all()
+
+
+def test_full_and_whole_context_have_zero_loss(both):
+    _, _, curves, _ = both
+    zero = curves[(curves.policy == "full") | (curves.budget == 4096)]
+    loss = zero[zero.metric.isin(["proxy_err", "e2e_dnll", "e2e_kl"])]
+    assert (loss.value.abs() < 1e-6).all()
+    mass = zero[zero.metric == "proxy_mass"]
+    assert (mass.value - 1).abs().max() < 1e-6
+    # and compression does hurt somewhere (the measurement is not vacuous)
+    assert curves[(curves.metric == "proxy_err") & (curves.budget == 8)].value.max() > 0.05
+
+
+def test_streaming_loss_never_rises_with_budget(both):
+    """streaming's kept sets are nested as the budget grows, so the kept attention mass can only grow."""
+    _, _, curves, _ = both
+    s = curves[(curves.policy == "streaming") & (curves.metric == "proxy_mass")]
+    for _, group in s.groupby(["sample_id", "layer"]):
+        values = group.sort_values("budget").value.to_numpy()
+        assert (values[1:] >= values[:-1] - 1e-9).all()
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, both):
+    class Crash(Exception):
+        pass
+
+    seen = []
+
+    def crash_on_second(index, configs):
+        seen.append(index)
+        if len(seen) == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(tmp_path, out_name="resumed", on_sample=crash_on_second)
+    assert len(list((tmp_path / "resumed" / "curves").glob("*.parquet"))) == 1
+    assert not (tmp_path / "resumed" / "metadata.json").exists()
+    out, _ = run(tmp_path, out_name="resumed")
+    clean, _ = run(tmp_path, out_name="clean")
+    a = pd.read_parquet(out / "curves").sort_values(["sample_id", "layer", "policy", "budget", "metric"])
+    b = pd.read_parquet(clean / "curves").sort_values(["sample_id", "layer", "policy", "budget", "metric"])
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+
+
+def test_other_settings_in_out_dir_is_refused(tmp_path):
+    run(tmp_path, out_name="x")
+    data = tmp_path / "data.jsonl"
+    samples = load_samples(data)
+    with pytest.raises(CalibrationError, match="other settings .*budgets"):
+        calibrate(tiny_loaded(), samples, CalibrationConfig(budgets=(8, 16), max_context=512), tmp_path / "x",
+                  data_hash(samples))
+
+
+def test_bad_data_and_options_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        load_samples(empty)
+    with pytest.raises(InputError, match="no calibration samples"):
+        calibrate(tiny_loaded(), [], CalibrationConfig(), tmp_path / "o", "h")
+    with pytest.raises(InputError, match="unknown --measure"):
+        CalibrationConfig(measure="fast").check()
+    with pytest.raises(InputError, match="unknown policies nope"):
+        CalibrationConfig(policies=("nope",)).check()

@@ -1,0 +1,167 @@
+"""Plan format tests: schema, round trips, deterministic bytes, validation errors, model checks, budget units."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from polykv.errors import PlanError, PlanMismatchError
+from polykv.plan import SCHEMA_PATH, CostModel, LayerPlan, Plan, fingerprint_hash, plan_schema, uniform_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fp(num_layers: int = 3, **kw) -> dict:
+    d = {
+        "model_type": "llama",
+        "num_layers": num_layers,
+        "num_kv_heads": [2] * num_layers,
+        "head_dim": [16] * num_layers,
+        "layer_types": ["full_attention"] * num_layers,
+        "sliding_window": None,
+    }
+    d.update(kw)
+    return d
+
+
+def gemma_like() -> dict:
+    return fp(4, model_type="gemma3_text", num_kv_heads=[1] * 4, head_dim=[256] * 4,
+              layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+              sliding_window=8)
+
+
+def plan_dict(**changes) -> dict:
+    d = json.loads(uniform_plan("org/model", fp(), "snapkv", 32, {"window": 8}).to_json())
+    d.update(changes)
+    return d
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_schema_copies_identical_and_valid():
+    assert SCHEMA_PATH.read_bytes() == (ROOT / "plans" / "schema" / "plan.schema.json").read_bytes()
+    jsonschema.Draft202012Validator.check_schema(plan_schema())
+
+
+def test_fingerprint_hash_is_short_and_key_order_free():
+    a = fp()
+    b = dict(reversed(list(a.items())))
+    assert fingerprint_hash(a) == fingerprint_hash(b)
+    assert re.fullmatch(r"[0-9a-f]{12}", fingerprint_hash(a))
+    assert fingerprint_hash(a) != fingerprint_hash(fp(4))
+
+
+def test_round_trip_and_deterministic_bytes(tmp_path):
+    plan = uniform_plan("org/model", fp(), "snapkv", 32, {"window": 8, "kernel": 5})
+    plan.layers[1] = LayerPlan(1, "h2o", 16, {}, 0.1 + 0.2)
+    plan.predicted_loss = 1 / 3
+    text = plan.to_json()
+    assert text.endswith("}\n") and "\n    {\"layer\": 0, " in text
+    assert Plan.from_dict(json.loads(text)).to_json() == text
+    assert Plan.from_dict(json.loads(uniform_plan("m", fp(), "h2o", 8).to_json())) == uniform_plan("m", fp(), "h2o", 8)
+    plan.save(tmp_path / "a.json")
+    plan.save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes() == text.encode()
+    assert Plan.load(tmp_path / "a.json").to_json() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temp files left
+    d = json.loads(text)
+    assert list(d)[:2] == ["schema_version", "model"]
+    assert d["layers"][0]["params"] == {"kernel": 5, "window": 8}
+    assert list(d["layers"][0]["params"]) == ["kernel", "window"]
+    assert d["layers"][1]["predicted_loss"] == 0.3  # 12 significant digits
+    assert d["fingerprint_hash"] == fingerprint_hash(fp()) and d["used_budget"] == 80
+    jsonschema.validate(d, plan_schema())
+
+
+def test_uniform_plan_tokens():
+    plan = uniform_plan("m", fp(), "streaming", 64)
+    assert plan.budget_unit == "tokens" and plan.total_budget == 192 and plan.used_budget == 192
+    assert [lp.layer for lp in plan.layers] == [0, 1, 2]
+
+
+def test_bytes_unit_for_sliding_and_unequal_layers():
+    g = gemma_like()
+    cm = CostModel.for_fingerprint(g)
+    assert cm.unit == "bytes" and cm.per_token == (1024,) * 4 and cm.caps == (8, 8, 8, None)
+    plan = uniform_plan("gemma", g, "snapkv", 32)
+    assert [lp.budget for lp in plan.layers] == [8, 8, 8, 32]
+    assert plan.total_budget == plan.used_budget == 1024 * (8 * 3 + 32)
+    mixed = fp(2, num_kv_heads=[2, 4])
+    assert CostModel.for_fingerprint(mixed).unit == "bytes"
+    assert uniform_plan("m", mixed, "h2o", 10).total_budget == (2 * 2 * 16 * 2 + 2 * 4 * 16 * 2) * 10
+
+
+def test_check_model_names_both_fingerprints():
+    plan = uniform_plan("org/model", fp(), "snapkv", 32)
+    plan.check_model(fp())
+    other = fp(4, model_type="qwen2")
+    with pytest.raises(PlanMismatchError) as exc:
+        plan.check_model(other, model="org/other")
+    msg = str(exc.value)
+    for part in ("org/model", "org/other", fingerprint_hash(fp()), fingerprint_hash(other)):
+        assert part in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d.pop("layers"), "'layers' is a required property"),
+    (lambda d: d["layers"][1].update(budget=-4), "layers/1/budget"),
+    (lambda d: d["layers"][0].update(policy="nope"), "unknown policy nope"),
+    (lambda d: d["layers"][2].update(budget=100), "over total_budget"),
+    (lambda d: d["layers"].pop(), "2 layers but its fingerprint has 3"),
+    (lambda d: d["layers"][0].update(layer=1), "in order"),
+    (lambda d: d.update(fingerprint_hash="0" * 12), "fingerprint was edited"),
+    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+    (lambda d: d.update(budget_unit="bytes"), "needs 'tokens'"),
+    (lambda d: d.update(extra=1), "Additional properties"),
+])
+def test_load_rejects_bad_plans(tmp_path, mutate, match):
+    d = plan_dict()
+    d.pop("used_budget")
+    mutate(d)
+    with pytest.raises(PlanError, match=match) as exc:
+        Plan.load(write(tmp_path, d))
+    assert str(tmp_path) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_load_rejects_non_json_and_nan(tmp_path):
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(write(tmp_path, "{nope"))
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(write(tmp_path, json.dumps(plan_dict()).replace('"predicted_loss": null', '"predicted_loss": NaN', 1)))
+    with pytest.raises(PlanError, match="does not exist"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_unknown_policy_check_uses_registry(tmp_path, monkeypatch):
+    import polykv.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "_known_policies", lambda: ["snapkv"])
+    Plan.load(write(tmp_path, plan_dict()))
+    monkeypatch.setattr(plan_mod, "_known_policies", lambda: ["h2o"])
+    with pytest.raises(PlanError, match="unknown policy snapkv; known: h2o"):
+        Plan.load(write(tmp_path, plan_dict()))
+    Plan.load(write(tmp_path, plan_dict()), check_policies=False)
+
+
+def test_save_refuses_over_budget_plan(tmp_path):
+    plan = uniform_plan("m", fp(), "snapkv", 32)
+    plan.layers[0] = LayerPlan(0, "snapkv", 64, {})
+    with pytest.raises(PlanError, match="over total_budget"):
+        plan.save(tmp_path / "p.json")
+    assert not any(tmp_path.iterdir())
+
+
+def test_docs_example_is_a_valid_plan():
+    doc = (ROOT / "docs" / "plan-format.md").read_text()
+    example = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
+    plan = Plan.from_dict(json.loads(example))
+    assert plan.to_json() == example

@@ -1,0 +1,133 @@
+"""Each policy's kept set against a brute-force reference built from the model's own attention probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_llama
+from polykv.apply import apply
+from polykv.policies import make_policy, policy_names
+
+T, BUDGET = 48, 12
+
+
+@pytest.fixture(scope="module")
+def reference_run():
+    """Eager attention probabilities (per layer: Hq x T x T) and keys/values of a plain full-cache prefill."""
+    model = tiny_llama("eager", seed=3)
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(7))
+    cache = DynamicCache()
+    out = model(ids, past_key_values=cache, output_attentions=True)
+    probs = [a[0].detach().double() for a in out.attentions]
+    keys = [layer.keys[0].detach() for layer in cache.layers]
+    return model, ids, probs, keys
+
+
+def ref_scores(name: str, probs: torch.Tensor, keys: torch.Tensor, params: dict) -> list[list[float]]:
+    """Plain-loop scores per KV head; math.inf marks protected tokens."""
+    hq, hkv = probs.shape[0], keys.shape[0]
+    g = hq // hkv
+    out = []
+    for h in range(hkv):
+        heads = range(h * g, (h + 1) * g)
+        if name == "snapkv":
+            w, k = params.get("window", 32), params.get("kernel", 5)
+            raw = [sum(float(probs[q, i, j]) for q in heads for i in range(T - w, T)) for j in range(T)]
+            pooled = []
+            for j in range(T):
+                win = [raw[x] for x in range(j - k // 2, j + k // 2 + 1) if 0 <= x < T]
+                pooled.append(sum(win) / len(win))
+            s = [math.inf if j >= T - w else pooled[j] for j in range(T)]
+        elif name == "h2o":
+            recent = int(BUDGET * params.get("recent_fraction", 0.5))
+            s = [sum(float(probs[q, i, j]) for q in heads for i in range(T)) for j in range(T)]
+            s = [math.inf if j >= T - recent else v for j, v in enumerate(s)]
+        elif name == "tova":
+            s = [sum(float(probs[q, T - 1, j]) for q in heads) for j in range(T)]
+        elif name == "knorm":
+            s = [-float(keys[h, j].double().norm()) for j in range(T)]
+        elif name == "streaming":
+            s = [math.inf if j < params.get("sinks", 4) else float(j) for j in range(T)]
+        else:
+            raise AssertionError(name)
+        out.append(s)
+    return out
+
+
+def assert_top_k(kept: list[int], scores: list[float], budget: int, tol: float = 1e-6) -> None:
+    """kept must be the top-`budget` by score, ties and near-ties (within tol) broken towards later tokens."""
+    ref = sorted(range(len(scores)), key=lambda j: (-scores[j], -j))[:budget]
+    if sorted(ref) == sorted(kept):
+        return
+    threshold = scores[ref[-1]]
+    for j in set(ref) ^ set(kept):
+        assert abs(scores[j] - threshold) <= tol * max(1.0, abs(threshold)), (j, scores[j], threshold)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("snapkv", {"window": 8}), ("snapkv", {"window": 4, "kernel": 3}), ("h2o", {}), ("tova", {}), ("knorm", {}),
+     ("streaming", {}), ("streaming", {"sinks": 2})],
+)
+def test_kept_set_matches_brute_force(reference_run, name, params):
+    model, ids, probs, keys = reference_run
+    from polykv.settings import LayerSetting
+
+    setting = LayerSetting(make_policy(name, params), BUDGET)
+    with apply(model, [setting] * 3):
+        cache = model(ids).past_key_values
+    for layer_idx, layer in enumerate(cache.layers):
+        ref = ref_scores(name, probs[layer_idx], keys[layer_idx], params)
+        for h in range(layer.columns.shape[1]):
+            assert_top_k(layer.columns[0, h].tolist(), ref[h], BUDGET)
+
+
+def test_random_is_seeded_and_differs_by_seed():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, T))
+    runs = []
+    for seed in (0, 0, 1):
+        from polykv.settings import LayerSetting
+
+        with apply(model, [LayerSetting(make_policy("random", {"seed": seed}), BUDGET)] * 3):
+            runs.append(model(ids).past_key_values.layers[0].columns.clone())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_expected_attention_is_deterministic_and_keeps_window():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, T))
+    cols = []
+    for _ in range(2):
+        with apply(model, ("expected_attention", BUDGET)):
+            cols.append(model(ids).past_key_values.layers[1].columns.clone())
+    assert torch.equal(cols[0], cols[1])
+    # window 32 > budget 12: the budget goes to the most recent window tokens
+    assert cols[0][0, 0].tolist() == list(range(T - BUDGET, T))
+
+
+def test_protected_window_larger_than_budget_keeps_most_recent():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, T))
+    with apply(model, ("snapkv", 5)):
+        cache = model(ids).past_key_values
+    assert cache.layers[0].columns[0, 0].tolist() == list(range(T - 5, T))
+
+
+def test_unknown_policy_and_parameter_are_clear_errors():
+    from polykv.errors import InputError
+    from polykv.settings import uniform
+
+    with pytest.raises(InputError, match="unknown policy 'nope'; known policies: full, streaming"):
+        uniform("nope", 8, 3)
+    with pytest.raises(InputError, match="policy 'snapkv' has no parameter\\(s\\) windw"):
+        uniform("snapkv", 8, 3, {"windw": 3})
+
+
+def test_registry_names():
+    assert policy_names() == ["full", "streaming", "snapkv", "h2o", "tova", "knorm", "random", "expected_attention"]
