@@ -16,7 +16,7 @@ Prints a Markdown section on stdout (and writes it to `--out`); progress goes to
 
     python benchmarks/bench_run.py --threads 2 [--lengths 2048,4096] [--repeats 3] [--budget 256]
         [--policies streaming,knorm,snapkv,tova,h2o,expected_attention] [--decode-tokens 32] [--no-kvpress]
-        [--out FILE.md]
+        [--omp-wait-policy PASSIVE] [--out FILE.md] [--json RAW.json]
 """
 
 from __future__ import annotations
@@ -392,6 +392,7 @@ def report(args, argv: list[str], poly: PolyKVSide, kvp: KVPressSide | None, res
     w(f"| python | {platform.python_version()} |")
     w(f"| PolyKV side | torch {torch.__version__}, transformers {transformers.__version__}, "
       f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+      f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (both sides), "
       f"git {git_describe()} |")
     if kvp is not None and kvp.status == "ok":
         h = kvp.hello
@@ -410,6 +411,12 @@ def report(args, argv: list[str], poly: PolyKVSide, kvp: KVPressSide | None, res
     w("")
     if kvp is not None and kvp.status != "ok":
         w(f"> **kvpress was not measured:** {kvp.status}")
+        w("")
+    loads = [s.load1 for res in results.values() for c in res.values() for s in c.samples]
+    if loads and statistics.median(loads) > (os.cpu_count() or 1):
+        w(f"> **The machine was oversubscribed during this run**: median 1-minute load average {statistics.median(loads):.1f} "
+          f"on {os.cpu_count()} cores (this benchmark's own {args.threads} thread(s) included). Absolute times are "
+          "inflated and noisy; compare configurations within a table (same rounds, same load), not with other runs.")
         w("")
 
     w("### Policies and parameters")
@@ -554,6 +561,7 @@ def report(args, argv: list[str], poly: PolyKVSide, kvp: KVPressSide | None, res
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse and check the options; sets the OpenMP environment before torch is first imported."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both sides (default 2)")
     ap.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens, comma-separated")
@@ -564,7 +572,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--text", default=DEFAULT_TEXT, help=f"prose file for the prompt (default {DEFAULT_TEXT})")
     ap.add_argument("--no-kvpress", action="store_true", help="measure PolyKV only")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-round order shuffle")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "inherit"],
+                    help="OMP_WAIT_POLICY for both sides (default PASSIVE: on a shared machine, spinning OpenMP "
+                         "threads that lose their core make every parallel region wait; inherit = leave as is)")
     ap.add_argument("--out", help="also write the Markdown section to this file")
+    ap.add_argument("--json", help="also write every raw sample (times, load average, threads) to this JSON file")
     args = ap.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -572,6 +584,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--repeats and --threads must be >= 1, --decode-tokens >= 2, --budget >= 1")
     if not Path(args.text).is_file():
         ap.error(f"prompt text {args.text} does not exist; pass --text FILE with some prose")
+    if "torch" in sys.modules:
+        raise RuntimeError("bench_run: torch was imported before the OpenMP environment was set")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # also inherited by the kvpress runner
+    if args.omp_wait_policy != "inherit":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     from polykv.policies import policy_names
 
     unknown = [p for p in args.policies if p not in policy_names()]
@@ -585,7 +602,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # also inherited by the kvpress runner
     env = {"started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
     log(f"load average {env['load_before']}, threads {args.threads}")
 
@@ -644,6 +660,15 @@ def main(argv: list[str] | None = None) -> int:
     env["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     text = report(args, ["python", "benchmarks/bench_run.py", *argv], poly, kvp, results, env)
     print(text)
+    if args.json:
+        raw = {"argv": argv, "env": env, "kvpress": kvp.hello if kvp is not None else None,
+               "kvpress_status": kvp.status if kvp is not None else "not requested",
+               "results": {str(length): [{**{k: v for k, v in vars(c).items() if k != "samples"},
+                                          "samples": [vars(s) for s in c.samples]} for c in res.values()]
+                           for length, res in results.items()}}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
+        log(f"wrote {args.json}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")

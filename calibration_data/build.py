@@ -168,13 +168,14 @@ def build(per_category: int = 4, seed: int = DEFAULT_SEED, suite: Path = SUITE_D
     rows: list[Instance] = []
     for k, (name, fn) in enumerate(CATEGORIES.items()):
         candidates = fn(3 * per_category, seed + 1 + k)
-        kept = [r for r in candidates if not shares_text(str(r["context"]), reference)][:per_category]
+        disjoint = [r for r in candidates if not shares_text(str(r["context"]), reference)]
+        kept = disjoint[:per_category]
         if len(kept) < per_category:
             raise SystemExit(f"{name}: only {len(kept)} candidates are disjoint from the evaluation suite")
         for i, r in enumerate(kept):
             r["id"] = f"{name}-{i:02d}"
         chars = [len(str(r["context"])) for r in kept]
-        print(f"{name}: {len(kept)} samples ({len(candidates) - len(kept)} candidates unused), {min(chars)}-"
+        print(f"{name}: {len(kept)} samples ({len(candidates) - len(disjoint)} candidates overlapped), {min(chars)}-"
               f"{max(chars)} chars (~{min(chars) / CHARS_PER_TOKEN:.0f}-{max(chars) / CHARS_PER_TOKEN:.0f} tokens)",
               file=sys.stderr)
         rows.extend(kept)

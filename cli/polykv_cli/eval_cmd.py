@@ -1,0 +1,161 @@
+"""`polykv eval` and `polykv report`."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from polykv_cli.common import err, fail, one_line_errors, out
+
+DEFAULT_METHODS = "full,uniform:*,pyramid,plan"
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l)
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    @one_line_errors
+    def eval_(
+        model: str = typer.Option("smollm2-135m", "--model", "-m"),
+        tasks: Optional[Path] = typer.Option(None, "--tasks", help="A task JSONL file or a directory of them."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="LongBench-format HF dataset NAME[:CONFIG]."),
+        budgets: str = typer.Option("64,128,256,512", "--budgets"),
+        methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="full,uniform:<policy>|uniform:*,pyramid,plan[:PATH]"),
+        mode: str = typer.Option("query-aware", "--mode", help="query-aware | context-only"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="At most N instances per task."),
+        max_context: int = typer.Option(4096, "--max-context"),
+        out_dir: Path = typer.Option(..., "--out", "-o"),
+        calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration dir for the heatmap."),
+        verify_prefill: int = typer.Option(0, "--verify-prefill", help="Also re-run K instances with one prefill per method: equality and speed-up."),
+        max_rows: int = typer.Option(16, "--max-rows", help="Compressed caches decoded together."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+        device: Optional[str] = typer.Option(None, "--device"),
+        dtype: Optional[str] = typer.Option(None, "--dtype"),
+    ) -> None:
+        """Full cache vs every uniform policy vs PyramidKV vs the plan, on long-context tasks; gap recovery."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from polykv.evaluate.engine import MODES, evaluate_instance, reprefill_instance
+        from polykv.evaluate.methods import parse_methods
+        from polykv.evaluate.report import render
+        from polykv.evaluate.suite import load_default_suite, suite_files
+        from polykv.evaluate.tasks import load_tasks
+        from polykv.io import atomic_write, atomic_write_json
+        from polykv.models import load_model
+
+        if mode not in MODES:
+            fail(f"unknown --mode {mode!r}; use query-aware or context-only")
+        try:
+            grid = sorted({int(b) for b in budgets.split(",") if b.strip()})
+        except ValueError:
+            fail(f"--budgets {budgets!r} must be a comma list of integers")
+        if not grid or grid[0] < 1:
+            fail("--budgets needs positive integers")
+        if tasks is not None and dataset is not None:
+            fail("pass either --tasks or --dataset, not both")
+        if dataset is not None:
+            from polykv.data import load_hf_dataset
+
+            from polykv.evaluate.tasks import TaskInstance
+
+            instances = [TaskInstance(s.id, s.category, s.context, s.question, s.answers, "f1") for s in load_hf_dataset(dataset)]
+        elif tasks is not None:
+            files = suite_files(tasks) if tasks.is_dir() else [tasks]
+            instances = []
+            for f in files:
+                got, warnings = load_tasks(f)
+                for w in warnings:
+                    err.print(f"[yellow]{w}[/]", highlight=False, soft_wrap=True)
+                instances.extend(got)
+        else:
+            instances = load_default_suite()
+        if limit is not None:
+            per_task: dict[str, int] = {}
+            kept = []
+            for inst in instances:
+                per_task[inst.task] = per_task.get(inst.task, 0) + 1
+                if per_task[inst.task] <= limit:
+                    kept.append(inst)
+            instances = kept
+        default_plans = Path("plans") / model
+        if "plan" in methods.split(",") and not default_plans.exists():
+            err.print(f"[yellow]no checked-in plans in {default_plans}: evaluating without a plan[/]")
+            methods = ",".join(m for m in methods.split(",") if m != "plan")
+        method_list = parse_methods(methods, default_plans)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"cannot create --out {out_dir} ({exc.strerror}); choose a writable directory")
+        loaded = load_model(model, device=device, dtype=dtype)
+        rows, prefill_s, decode_s, checks = [], 0.0, 0.0, []
+        started = time.perf_counter()
+        with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=err) as progress:
+            task = progress.add_task("instances", total=len(instances))
+            for i, inst in enumerate(instances):
+                res = evaluate_instance(loaded, inst, method_list, grid, mode, max_context, max_rows=max_rows)
+                rows.extend(res.rows)
+                prefill_s += res.prefill_s
+                decode_s += res.decode_s
+                if i < verify_prefill:
+                    slow_rows, slow_s = reprefill_instance(loaded, inst, method_list, grid, mode, max_context)
+                    fast = {(r["method"], r["budget"]): r["prediction"] for r in res.rows}
+                    same = sum(fast[(r["method"], r["budget"])] == r["prediction"] for r in slow_rows)
+                    checks.append({"instance": inst.id, "engine_s": res.prefill_s + res.decode_s, "reprefill_s": slow_s,
+                                   "same_predictions": same, "configurations": len(slow_rows)})
+                progress.advance(task)
+        results = pd.DataFrame(rows)
+        atomic_write(out_dir / "results.parquet",
+                     lambda tmp: pq.write_table(pa.Table.from_pandas(results, preserve_index=False), tmp))
+        plan_method = next((m for m in method_list if m.kind == "plan"), None)
+        info = {
+            "model": model, "command": shlex.join(["polykv"] + sys.argv[1:]), "machine": _machine(), "mode": mode,
+            "instances": len(instances), "tasks": sorted({i.task for i in instances}), "max_context": max_context,
+            "seconds": {"total": round(time.perf_counter() - started, 1), "prefill_and_compress": round(prefill_s, 1),
+                        "decode": round(decode_s, 1)},
+            "plans": {str(b): p for b, p in (plan_method.plans if plan_method else ())},
+            "calibration": str(calibration) if calibration else None,
+            "verify_prefill": checks,
+        }
+        atomic_write_json(out_dir / "info.json", info)
+        summ = render(out_dir)
+        if checks:
+            same = sum(c["same_predictions"] for c in checks)
+            total = sum(c["configurations"] for c in checks)
+            speed = sum(c["reprefill_s"] for c in checks) / max(sum(c["engine_s"] for c in checks), 1e-9)
+            err.print(f"prefill-per-method check: {same}/{total} identical predictions; engine {speed:.1f}x faster")
+        if as_json:
+            sys.stdout.write(json.dumps(summ) + "\n")
+            return
+        out.print((out_dir / "report.md").read_text(), markup=False, highlight=False)
+
+    @app.command()
+    @one_line_errors
+    def report(out_dir: Path = typer.Argument(..., help="An evaluation directory (polykv eval --out).")) -> None:
+        """Re-render report.md, summary.json and the plots of an evaluation directory."""
+        from polykv.evaluate.report import render
+
+        if not (out_dir / "results.parquet").exists():
+            fail(f"{out_dir} has no results.parquet; run polykv eval --out {out_dir} first")
+        render(out_dir)
+        out.print(f"wrote {out_dir / 'report.md'}")

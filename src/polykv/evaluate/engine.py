@@ -1,0 +1,199 @@
+"""Prefill once, compress many: every method and budget decodes from one captured prefill per instance.
+
+For each instance the prompt is prefilled once with the full cache (`polykv.capture`); each (method, budget)
+compresses that capture (the same code as compression during prefill, so the kept sets are identical) and all of
+them decode together as one batch whose rows are the compressed caches (ragged layers padded with masked
+entries). Greedy decoding, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from polykv.attention import polykv_attention
+from polykv.cache import PolyKVCache, PolyKVLayer
+from polykv.capture import capture
+from polykv.evaluate.methods import Method
+from polykv.evaluate.tasks import TaskInstance, score
+from polykv.generation import decode_text, eos_ids, greedy
+from polykv.models import LoadedModel, fingerprint
+from polykv.prompts import encode
+from polykv.settings import LayerSetting
+
+MODES = ("query-aware", "context-only")
+
+
+@dataclass
+class Job:
+    method: str
+    budget: int | None
+    settings: list[LayerSetting] | None
+
+
+def stack_caches(caches: list[PolyKVCache]) -> PolyKVCache:
+    """One batch from single-row caches of one capture: per layer, pad to the widest row with masked entries."""
+    layers = []
+    for per_row in zip(*(c.layers for c in caches)):
+        width = max(l.keys.shape[2] for l in per_row)
+        first = per_row[0]
+        dst = PolyKVLayer(first.sliding_window)
+        dst.is_initialized, dst.dtype, dst.device = True, first.keys.dtype, first.keys.device
+        dst.seen, dst.compressed = first.seen, True
+
+        def pad(t, value):
+            extra = width - t.shape[2]
+            if extra == 0:
+                return t
+            shape = list(t.shape)
+            shape[2] = extra
+            return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim=2)
+
+        dst.keys = torch.cat([pad(l.keys, 0) for l in per_row])
+        dst.values = torch.cat([pad(l.values, 0) for l in per_row])
+        dst.columns = torch.cat([pad(l.columns, 0) for l in per_row])
+        valid = [pad(torch.ones(l.columns.shape, dtype=torch.bool, device=l.columns.device), False) for l in per_row]
+        dst.entry_valid = None if all(l.keys.shape[2] == width for l in per_row) else torch.cat(valid)
+        cols = dst.columns
+        dst.uniform_heads = bool((cols == cols[:, :1]).all())
+        layers.append(dst)
+    return PolyKVCache(layers)
+
+
+def _batches(max_rows: int, max_tokens: int, widths: list[int]) -> list[list[int]]:
+    """Group jobs of similar width (total kept tokens) so padding stays small: <= max_rows, <= max_tokens each."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending, so widths[i] is the widest of the batch it joins
+        if current and (len(current) >= max_rows or widths[i] * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class InstanceResult:
+    instance: TaskInstance
+    prompt_tokens: int
+    rows: list[dict]
+    prefill_s: float
+    decode_s: float
+
+
+@torch.no_grad()
+def evaluate_instance(
+    loaded: LoadedModel,
+    inst: TaskInstance,
+    methods: list[Method],
+    budgets: list[int],
+    mode: str = "query-aware",
+    max_context: int | None = None,
+    max_rows: int = 16,
+    max_tokens: int = 60_000,
+    default_new_tokens: int = 24,
+) -> InstanceResult:
+    """Score every (method, budget) on one instance from a single prefill."""
+    model, tok = loaded.model, loaded.tokenizer
+    fp = fingerprint(model.config)
+    prompt = encode(tok, inst.context, inst.question, max_tokens=max_context)
+    device = next(model.parameters()).device
+    jobs = [Job(m.name, b, m.settings(b, fp)) for m in methods for b in m.budgets(budgets)]
+    needs_cum = any(s is not None and any(x.policy.needs_cumulative for x in s) for s in (j.settings for j in jobs))
+    window = max([64] + [x.policy.queries_needed() for j in jobs if j.settings for x in j.settings])
+    t0 = time.perf_counter()
+    first = prompt.ids if mode == "query-aware" else prompt.context
+    cap = capture(model, first.to(device), window=window, cumulative=needs_cum)
+    compressed = [cap.compress(j.settings or [None] * cap.num_layers) for j in jobs]
+    t1 = time.perf_counter()
+    eos = eos_ids(tok, model)
+    max_new = inst.max_new_tokens or default_new_tokens
+    widths = [sum(l.kept_tokens for l in c.layers) for c in compressed]
+    rows: list[dict] = [{} for _ in jobs]
+    for batch in _batches(max_rows, max_tokens * cap.num_layers, widths):
+        cache = stack_caches([compressed[i] for i in batch])
+        if mode == "query-aware":
+            logits = cap.last_logits.expand(len(batch), -1)
+        else:
+            q = prompt.question.to(device).expand(len(batch), -1)
+            with polykv_attention(model):
+                logits = model(input_ids=q, past_key_values=cache, use_cache=True).logits[:, -1, :]
+        tokens = greedy(model, cache, logits, max_new, eos)
+        for i, text in zip(batch, decode_text(tok, tokens, eos)):
+            stats = compressed[i].stats()
+            rows[i] = {
+                "instance_id": inst.id, "task": inst.task, "method": jobs[i].method, "budget": jobs[i].budget,
+                "score": score(inst.metric, text, inst.answers), "prediction": text,
+                "kv_bytes": stats.kv_bytes, "kv_bytes_full": stats.kv_bytes_full, "prompt_tokens": prompt.length,
+            }
+    return InstanceResult(inst, prompt.length, rows, t1 - t0, time.perf_counter() - t1)
+
+
+def evaluate(
+    loaded: LoadedModel,
+    instances: list[TaskInstance],
+    methods: list[Method],
+    budgets: list[int],
+    mode: str = "query-aware",
+    max_context: int | None = None,
+    on_instance: Callable[[InstanceResult], None] | None = None,
+    **kw,
+) -> list[dict]:
+    """All result rows (one per instance x method x budget; `full` has budget None)."""
+    rows: list[dict] = []
+    for inst in instances:
+        res = evaluate_instance(loaded, inst, methods, budgets, mode, max_context, **kw)
+        rows.extend(res.rows)
+        if on_instance:
+            on_instance(res)
+    return rows
+
+
+@torch.no_grad()
+def reprefill_instance(
+    loaded: LoadedModel,
+    inst: TaskInstance,
+    methods: list[Method],
+    budgets: list[int],
+    mode: str = "query-aware",
+    max_context: int | None = None,
+    default_new_tokens: int = 24,
+) -> tuple[list[dict], float]:
+    """The slow path the engine replaces: one prefill per (method, budget), compressing during the prefill.
+
+    Used to check that the engine's answers equal compression during prefill, and to time both.
+    """
+    from polykv.apply import apply
+
+    model, tok = loaded.model, loaded.tokenizer
+    fp = fingerprint(model.config)
+    prompt = encode(tok, inst.context, inst.question, max_tokens=max_context)
+    device = next(model.parameters()).device
+    eos = eos_ids(tok, model)
+    rows = []
+    t0 = time.perf_counter()
+    for m in methods:
+        for b in m.budgets(budgets):
+            settings = m.settings(b, fp) or [LayerSetting(_FULL, 1)] * fp["num_layers"]
+            with apply(model, settings):
+                first = prompt.ids if mode == "query-aware" else prompt.context
+                out = model(input_ids=first.to(device), use_cache=True, logits_to_keep=1)
+                cache, logits = out.past_key_values, out.logits[:, -1, :]
+                if mode != "query-aware":
+                    logits = model(input_ids=prompt.question.to(device), past_key_values=cache).logits[:, -1, :]
+            tokens = greedy(model, cache, logits, inst.max_new_tokens or default_new_tokens, eos)
+            text = decode_text(tok, tokens, eos)[0]
+            rows.append({"instance_id": inst.id, "method": m.name, "budget": b, "prediction": text,
+                         "score": score(inst.metric, text, inst.answers)})
+    return rows, time.perf_counter() - t0
+
+
+from polykv.policies import make_policy as _make_policy  # noqa: E402
+
+_FULL = _make_policy("full")

@@ -1,0 +1,100 @@
+"""Evaluation methods: how each compares at a given average budget.
+
+- `full`: no compression (budget-independent, run once per instance);
+- `uniform:<policy>`: one policy, the same budget on every layer;
+- `pyramid`: PyramidKV-style allocation (budgets falling linearly with depth, same total) with SnapKV scoring;
+- `plan:<path>`: a plan file (used at its own average budget) or a directory of plans (for each budget, the plan
+  whose `average_budget` equals it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from polykv.errors import InputError
+from polykv.plan import CostModel, Plan
+from polykv.policies import make_policy, policy_names
+from polykv.settings import LayerSetting, from_layer_dicts
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared method; `settings(budget)` gives its per-layer settings (None: keep everything)."""
+
+    name: str
+    kind: str  # full | uniform | pyramid | plan
+    policy: str | None = None
+    plans: tuple[tuple[int, str], ...] = ()  # (average budget, plan path) for kind == plan
+
+    def budgets(self, requested: list[int]) -> list[int | None]:
+        if self.kind == "full":
+            return [None]
+        if self.kind == "plan":
+            have = {b for b, _ in self.plans}
+            return [b for b in requested if b in have]
+        return list(requested)
+
+    def plan_for(self, budget: int) -> Plan:
+        path = dict(self.plans)[budget]
+        return Plan.load(path)
+
+    def settings(self, budget: int | None, fingerprint: dict) -> list[LayerSetting] | None:
+        n = fingerprint["num_layers"]
+        if self.kind == "full":
+            return None
+        if self.kind == "uniform":
+            policy = make_policy(self.policy)
+            return [LayerSetting(policy, budget)] * n
+        if self.kind == "pyramid":
+            from polykv.solve.allocations import pyramid_budgets
+
+            policy = make_policy("snapkv")
+            return [LayerSetting(policy, max(1, b)) for b in pyramid_budgets(CostModel.for_fingerprint(fingerprint), budget)]
+        plan = self.plan_for(budget)
+        plan.check_model(fingerprint)
+        return from_layer_dicts([{"policy": l.policy, "budget": l.budget, "params": l.params} for l in plan.layers], n)
+
+
+def _plan_files(path: Path) -> list[tuple[int, str]]:
+    files = [path] if path.is_file() else sorted(path.glob("*.json"))
+    found = []
+    for f in files:
+        try:
+            avg = json.loads(f.read_text()).get("average_budget")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise InputError(f"plan {f} is not a plan JSON ({exc}); pass a plan file or a directory of plans") from exc
+        if avg is not None and float(avg).is_integer():
+            found.append((int(avg), str(f)))
+    return found
+
+
+def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
+    """`full,uniform:snapkv,...,pyramid,plan:DIR`; `uniform:*` = every registered policy but full."""
+    methods: list[Method] = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        if item == "full":
+            methods.append(Method("full", "full"))
+        elif item == "pyramid":
+            methods.append(Method("pyramid", "pyramid"))
+        elif item.startswith("uniform:"):
+            names = [p for p in policy_names() if p != "full"] if item == "uniform:*" else [item.split(":", 1)[1]]
+            for name in names:
+                if name not in policy_names():
+                    raise InputError(f"unknown policy in method {item!r}; known: {', '.join(policy_names())}")
+                methods.append(Method(f"uniform:{name}", "uniform", policy=name))
+        elif item == "plan" or item.startswith("plan:"):
+            target = Path(item.split(":", 1)[1]) if ":" in item else default_plans
+            if target is None or not target.exists():
+                raise InputError(f"plan source {target} does not exist; pass plan:PATH with a plan file or directory")
+            plans = _plan_files(target)
+            if not plans:
+                raise InputError(f"no plans with an integer average_budget in {target}")
+            methods.append(Method("plan", "plan", plans=tuple(plans)))
+        else:
+            raise InputError(f"unknown method {item!r}; use full, uniform:<policy>, uniform:*, pyramid or plan:<path>")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise InputError(f"a method is listed twice in {spec!r}")
+    return methods

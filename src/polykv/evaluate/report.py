@@ -1,0 +1,206 @@
+"""Scores, gap recovery, the Markdown report and the plots of an evaluation directory.
+
+Gap recovery at a budget = (plan - best uniform) / (full - best uniform), where best uniform is the single policy
+with the best average score at that budget; it is null when full equals the best uniform (no gap to recover).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def task_scores(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean score per (method, budget, task), and the average over tasks (each task weighs the same)."""
+    df = results.assign(budget=results.budget.fillna(-1).astype(int))
+    per_task = df.groupby(["method", "budget", "task"], as_index=False)["score"].mean()
+    avg = per_task.groupby(["method", "budget"], as_index=False)["score"].mean().assign(task="average")
+    return pd.concat([per_task, avg], ignore_index=True)
+
+
+def summary(results: pd.DataFrame, model: str) -> dict:
+    """The `--json` object: per budget every method's average, full, best uniform, plan and gap recovery."""
+    scores = task_scores(results)
+    avg = scores[scores.task == "average"]
+    full = avg[avg.method == "full"].score
+    full_score = float(full.iloc[0]) if len(full) else None
+    out: dict = {"model": model, "budgets": {}}
+    for budget in sorted(b for b in avg.budget.unique() if b >= 0):
+        at = avg[avg.budget == budget]
+        methods = {r.method: round(float(r.score), 4) for r in at.itertuples()}
+        uniform = at[at.method.str.startswith("uniform:")]
+        best = uniform.loc[uniform.score.idxmax()] if len(uniform) else None
+        plan = methods.get("plan")
+        gap = None
+        if best is not None and plan is not None and full_score is not None and full_score != float(best.score):
+            gap = (plan - float(best.score)) / (full_score - float(best.score))
+        out["budgets"][str(int(budget))] = {
+            "scores": methods,
+            "full": full_score,
+            "best_uniform": None if best is None else {"method": best.method, "score": round(float(best.score), 4)},
+            "plan": plan,
+            "gap_recovery": None if gap is None else round(gap, 4),
+        }
+    return out
+
+
+def markdown(results: pd.DataFrame, info: dict, summ: dict) -> str:
+    """The report: setup, average score per method x budget, gap recovery, per-task table."""
+    scores = task_scores(results)
+    lines = [f"# PolyKV evaluation: {summ['model']}", ""]
+    for key in ("command", "machine", "mode", "instances", "tasks", "seconds", "max_context"):
+        if key in info:
+            lines.append(f"- {key}: `{info[key]}`" if key == "command" else f"- {key}: {info[key]}")
+    lines += ["", "## Average score (0-100) per method and average budget", ""]
+    avg = scores[scores.task == "average"].pivot(index="method", columns="budget", values="score")
+    lines.append(_md_table(avg))
+    lines += ["", "## Gap recovery: (plan - best uniform) / (full - best uniform)", "",
+              "| budget | full | best uniform | plan | gap recovery |", "|---|---|---|---|---|"]
+    for b, v in summ["budgets"].items():
+        best = v["best_uniform"]
+        gap = "n/a" if v["gap_recovery"] is None else f"{100 * v['gap_recovery']:.1f}%"
+        plan = "n/a" if v["plan"] is None else f"{v['plan']:.2f}"
+        full = "n/a" if v["full"] is None else f"{v['full']:.2f}"
+        best_s = "n/a" if best is None else f"{best['method']} {best['score']:.2f}"
+        lines.append(f"| {b} | {full} | {best_s} | {plan} | {gap} |")
+    lines += ["", "## Per task", ""]
+    for task, group in scores[scores.task != "average"].groupby("task"):
+        lines += [f"### {task}", "", _md_table(group.pivot(index="method", columns="budget", values="score")), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    head = "| method | " + " | ".join("all" if c == -1 else str(c) for c in cols) + " |"
+    rows = [head, "|---" * (len(cols) + 1) + "|"]
+    for method, row in frame.iterrows():
+        cells = ["" if pd.isna(row[c]) else f"{row[c]:.1f}" for c in cols]
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plots(results: pd.DataFrame, out: Path, plan_paths: dict[int, str] | None = None,
+          calibration: Path | None = None) -> list[Path]:
+    """PNG plots: score vs budget per method; each plan per layer; the calibration heatmap (if given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    scores = task_scores(results)
+    avg = scores[scores.task == "average"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budgets = sorted(b for b in avg.budget.unique() if b >= 0)
+    for method, group in avg.groupby("method"):
+        if method == "full":
+            ax.axhline(float(group.score.iloc[0]), color="black", linestyle="--", label="full")
+            continue
+        g = group.sort_values("budget")
+        style = dict(linewidth=2.5, color="crimson") if method == "plan" else dict(linewidth=1, alpha=0.8)
+        ax.plot(g.budget, g.score, marker="o", label=method, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("average budget (tokens per layer)")
+    ax.set_ylabel("average score")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "scores_vs_budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    for budget, plan_path in sorted((plan_paths or {}).items()):
+        written.append(plot_plan(plan_path, out / f"plan_avg{budget}.png"))
+    if calibration is not None and (Path(calibration) / "curves").exists():
+        written.append(plot_heatmap(Path(calibration), out / "calibration_heatmap.png"))
+    return written
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    from polykv.policies import policy_names
+
+    return {n: matplotlib.colors.to_hex(cmap(i % 10)) for i, n in enumerate(policy_names())} | {
+        n: "#999999" for n in names if n not in policy_names()}
+
+
+def plot_plan(plan_path: str | Path, path: Path) -> Path:
+    """Budget bars per layer, coloured by policy."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    plan = json.loads(Path(plan_path).read_text())
+    layers = plan["layers"]
+    colors = _colors([l["policy"] for l in layers])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar([l["layer"] for l in layers], [l["budget"] for l in layers], color=[colors[l["policy"]] for l in layers])
+    ax.axhline(plan["average_budget"], color="black", linestyle=":", linewidth=1)
+    used = sorted({l["policy"] for l in layers})
+    ax.legend(handles=[Patch(color=colors[p], label=p) for p in used], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("budget (tokens)")
+    ax.set_yscale("log", base=2)
+    ax.set_title(f"{plan['model']}: plan at average budget {plan['average_budget']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(calibration: Path, path: Path, metric: str = "proxy_err") -> Path:
+    """Layer x budget: the best policy (colour) and its mean loss (text)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    curves = pd.read_parquet(calibration / "curves")
+    if metric not in set(curves.metric):
+        metric = sorted(set(curves.metric))[0]
+    df = curves[(curves.metric == metric) & (curves.policy != "full")]
+    mean = df.groupby(["layer", "budget", "policy"], as_index=False)["value"].mean()
+    best = mean.loc[mean.groupby(["layer", "budget"])["value"].idxmin()]
+    layers = sorted(best.layer.unique())
+    budgets = sorted(best.budget.unique())
+    names = sorted(best.policy.unique())
+    colors = _colors(names)
+    grid = np.ones((len(layers), len(budgets), 3))
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(budgets), 0.3 * len(layers) + 1.5))
+    import matplotlib
+
+    for r in best.itertuples():
+        i, j = layers.index(r.layer), budgets.index(r.budget)
+        grid[i, j] = matplotlib.colors.to_rgb(colors[r.policy])
+        ax.text(j, i, f"{r.value:.2f}", ha="center", va="center", fontsize=6)
+    ax.imshow(grid, aspect="auto")
+    ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_xlabel("budget")
+    ax.set_ylabel("layer")
+    ax.set_title(f"best policy per layer and budget (mean {metric})", fontsize=9)
+    ax.legend(handles=[Patch(color=colors[p], label=p) for p in names], fontsize=6, loc="upper left",
+              bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(out: str | Path) -> dict:
+    """(Re)write report.md, summary.json and the plots of an evaluation directory from its results."""
+    out = Path(out)
+    results = pd.read_parquet(out / "results.parquet")
+    info = json.loads((out / "info.json").read_text())
+    summ = summary(results, info["model"])
+    from polykv.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "summary.json", summ)
+    plan_paths = {int(k): v for k, v in info.get("plans", {}).items() if Path(v).exists()}
+    cal = info.get("calibration")
+    plots(results, out, plan_paths, Path(cal) if cal else None)
+    atomic_write_text(out / "report.md", markdown(results, info, summ))
+    return summ
