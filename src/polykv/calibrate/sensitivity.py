@@ -70,24 +70,28 @@ def _answer_attention(sample: PreparedSample, layer: int) -> tuple[Tensor, Tenso
     return probs, v, tokens
 
 
-def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> list[tuple[float, float]]:
-    """(relative output error, kept attention mass) per option for this layer."""
+def proxy_losses(sample: PreparedSample, layer: int, options: list[Option], chunk: int = 16
+                 ) -> list[tuple[float, float]]:
+    """(relative output error, kept attention mass) per option for this layer (unique kept sets batched)."""
     probs, v, tokens = _answer_attention(sample, layer)
     full_out = torch.matmul(probs, v)
     full_norm = full_out.norm().clamp_min(1e-12)
     prompt_mass = probs[..., :tokens].sum().clamp_min(1e-12)
-    groups = probs.shape[0] // sample.capture.observation(layer).keys.shape[1]
+    q_heads, m, width = probs.shape
+    groups = q_heads // sample.capture.observation(layer).keys.shape[1]
     unique, which = kept_sets(sample, layer, options)
-    results = []
-    for idx in unique:
-        keep = torch.zeros(idx.shape[1], tokens, dtype=probs.dtype, device=probs.device)
-        keep.scatter_(1, idx[0], 1.0)
-        keep = torch.cat([keep.repeat_interleave(groups, dim=0), torch.ones(probs.shape[0], probs.shape[-1] - tokens)], 1)
-        kept = probs * keep[:, None, :]
-        out = torch.matmul(kept, v) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
-        err = float((out - full_out).norm() / full_norm)
-        mass = float(kept[..., :tokens].sum() / prompt_mass)
-        results.append((err, mass))
+    results: list[tuple[float, float]] = []
+    for start in range(0, len(unique), chunk):
+        sets = unique[start : start + chunk]
+        keep = torch.zeros(len(sets), sets[0].shape[1], width, dtype=probs.dtype, device=probs.device)
+        keep[..., tokens:] = 1.0  # the answer tokens themselves are never evicted
+        for i, idx in enumerate(sets):
+            keep[i].scatter_(1, idx[0], 1.0)
+        kept = probs[None] * keep.repeat_interleave(groups, dim=1)[:, :, None, :]  # (U, Hq, m, T+m)
+        out = torch.matmul(kept, v[None]) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+        err = (out - full_out[None]).flatten(1).norm(dim=1) / full_norm
+        mass = kept[..., :tokens].flatten(1).sum(1) / prompt_mass
+        results.extend(zip(err.tolist(), mass.tolist()))
     return [results[w] for w in which]
 
 

@@ -41,26 +41,34 @@ def pool1d(scores: Tensor, kernel: int, mode: str) -> Tensor:
 
 
 def cumulative_attention(
-    queries: Tensor, keys: Tensor, scaling: float, valid: Tensor, softcap: float | None = None, chunk: int = 256
+    queries: Tensor, keys: Tensor, scaling: float, valid: Tensor, softcap: float | None = None, chunk: int = 512
 ) -> Tensor:
     """(B, Hkv, T) fp32: attention each key receives summed over all T causal queries and the GQA group.
 
-    Computed in chunks of query rows, so at most B x Hq x chunk x T logits exist at once (never T x T per head).
+    Computed in chunks of query rows against only the keys they can see (causality halves the work), so at most
+    B x Hq x chunk x T logits exist at once (never T x T per head).
     """
-    batch, q_heads, tokens, _ = queries.shape
+    batch, q_heads, tokens, dim = queries.shape
     kv_heads = keys.shape[1]
     groups = q_heads // kv_heads
-    keys_rep = keys.float().repeat_interleave(groups, dim=1)
-    total = torch.zeros(batch, q_heads, tokens, dtype=torch.float32, device=keys.device)
-    cols = torch.arange(tokens, device=keys.device)
+    k = keys.float()
+    total = torch.zeros(batch, kv_heads, tokens, dtype=torch.float32, device=keys.device)
+    padded = not bool(valid.all())
     for start in range(0, tokens, chunk):
         stop = min(start + chunk, tokens)
-        logits = torch.matmul(queries[:, :, start:stop].float(), keys_rep.transpose(-1, -2)) * scaling
+        rows = stop - start
+        # (B, Hkv, G*rows, D) x (B, Hkv, D, stop): each KV head's keys serve its whole query group
+        q = queries[:, :, start:stop].float().reshape(batch, kv_heads, groups * rows, dim)
+        logits = torch.matmul(q, k[:, :, :stop].transpose(-1, -2)) * scaling
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        allowed = (cols[None, :] <= cols[start:stop, None])[None, None] & valid[:, None, None, :]
+        logits = logits.view(batch, kv_heads, groups, rows, stop)
+        causal = torch.ones(rows, stop, dtype=torch.bool, device=keys.device).tril(diagonal=start)
+        allowed = causal[None, None, None]
+        if padded:
+            allowed = allowed & valid[:, None, None, None, :stop]
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        # rows that are padding see nothing: softmax of all -inf is nan, drop them
-        probs = torch.nan_to_num(probs, nan=0.0) * valid[:, None, start:stop, None]
-        total += probs.sum(dim=2)
-    return total.view(batch, kv_heads, groups, tokens).sum(dim=2)
+        if padded:  # padding rows see nothing (softmax of all -inf is nan): drop them
+            probs = torch.nan_to_num(probs, nan=0.0) * valid[:, None, None, start:stop, None]
+        total[:, :, :stop] += probs.sum(dim=(2, 3))
+    return total
