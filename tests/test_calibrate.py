@@ -120,3 +120,13 @@ def test_bad_data_and_options_are_clear_errors(tmp_path):
         CalibrationConfig(measure="fast").check()
     with pytest.raises(InputError, match="unknown policies nope"):
         CalibrationConfig(policies=("nope",)).check()
+
+
+def test_select_samples_round_robin_across_categories():
+    from types import SimpleNamespace
+
+    from polykv.calibrate import select_samples
+
+    items = [SimpleNamespace(id=f"{c}{i}", category=c) for c in "abc" for i in range(3)]
+    assert [s.id for s in select_samples(items, 4)] == ["a0", "b0", "c0", "a1"]
+    assert select_samples(items, None) == items and select_samples(items, 99) == items

@@ -165,3 +165,98 @@ def test_docs_example_is_a_valid_plan():
     example = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
     plan = Plan.from_dict(json.loads(example))
     assert plan.to_json() == example
+
+
+# --- fuzzing: arbitrary JSON either loads or raises PlanError, never anything else ----------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EDGES = [0, -1, 2.0, 1e308, 10**400, float("inf"), float("-inf"), float("nan"), "snapkv", "tokens", "bytes", "full",
+         "sliding_attention", [], {}]
+SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(-3, 300) | st.text(max_size=6)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(EDGES))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _load_or_plan_error(d) -> None:
+    try:
+        plan = Plan.from_dict(d)
+    except PlanError as exc:
+        assert "\n" not in str(exc)
+        return
+    json.loads(plan.to_json())  # whatever loads also serialises
+
+
+@st.composite
+def mutated_plans(draw):
+    """A valid plan (tokens or bytes unit) with a few of its values replaced by arbitrary JSON or removed."""
+    fingerprint = draw(st.sampled_from([fp(), gemma_like(), fp(2, num_kv_heads=[2, 4])]))
+    d = json.loads(uniform_plan("m", fingerprint, "snapkv", draw(st.integers(1, 64)), {"window": 8}).to_json())
+    for _ in range(draw(st.integers(1, 3))):
+        target = draw(st.sampled_from(["top", "fingerprint", "layer", "provenance"]))
+        obj = {"top": d, "fingerprint": d.get("fingerprint"), "provenance": d.get("provenance"),
+               "layer": draw(st.sampled_from(d["layers"])) if isinstance(d.get("layers"), list) and d["layers"]
+               and all(isinstance(x, dict) for x in d["layers"]) else None}[target]
+        if not isinstance(obj, dict) or not obj:
+            continue
+        key = draw(st.sampled_from(sorted(obj)))
+        if draw(st.booleans()):
+            obj[key] = draw(st.one_of(st.sampled_from(EDGES), JSON))
+        else:
+            del obj[key]
+    return d
+
+
+@FUZZ
+@given(JSON)
+def test_fuzz_from_dict_arbitrary_json(d):
+    _load_or_plan_error(d)
+
+
+@FUZZ
+@given(mutated_plans())
+def test_fuzz_from_dict_mutated_plans(d):
+    _load_or_plan_error(d)
+
+
+def _json_bytes(d) -> bytes:
+    """JSON text as a file could hold it: Python's NaN/Infinity literals, and 1e400 for numbers beyond a double."""
+    return json.dumps(d, default=str).replace("Infinity", "1e400").encode()
+
+
+@FUZZ
+@given(st.one_of(mutated_plans().map(_json_bytes), JSON.map(_json_bytes), st.binary(max_size=64),
+                 st.text(max_size=64).map(str.encode)))
+def test_fuzz_load_arbitrary_bytes(tmp_path, data):
+    path = tmp_path / "fuzz.json"
+    path.write_bytes(data)
+    try:
+        Plan.load(path)
+    except PlanError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
+
+
+def test_every_field_with_every_edge_value():
+    """Systematic companion of the fuzzers: each value of a valid plan replaced by each edge value, or removed."""
+    for fingerprint in (fp(), gemma_like()):
+        base = json.loads(uniform_plan("m", fingerprint, "snapkv", 16, {"window": 8}).to_json())
+        paths = [(k,) for k in base] + [("fingerprint", k) for k in base["fingerprint"]]
+        paths += [("layers", 0, k) for k in base["layers"][0]] + [("provenance", k) for k in base["provenance"]]
+        paths += [("layers", 0, "params", "window"), ("fingerprint", "num_kv_heads", 0), ("fingerprint", "head_dim", 1)]
+        for path in paths:
+            for value in [*EDGES, None, True, "x", [1], {"a": 1}, "<delete>"]:
+                d = json.loads(json.dumps(base))
+                obj = d
+                for key in path[:-1]:
+                    obj = obj[key]
+                if value == "<delete>":
+                    del obj[path[-1]]
+                else:
+                    obj[path[-1]] = value
+                try:
+                    _load_or_plan_error(d)
+                except Exception as exc:
+                    raise AssertionError(f"{path} = {value!r}: {type(exc).__name__}: {exc}") from exc

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, hub id, local dir or .gguf path."),
         data: Optional[Path] = typer.Option(None, "--data", help="JSONL of {id, category, context, question, answers}."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="A LongBench-format HF dataset NAME[:CONFIG]."),
-        samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Use the first N samples."),
+        samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Use N samples, taken round-robin across categories."),
         policies: Optional[str] = typer.Option(None, "--policies", help="Comma list (default: all registered)."),
         budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma list (default: 16, 32, ... up to the context)."),
         measure: str = typer.Option("proxy", "--measure", help="proxy | e2e | both"),
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         device_map: Optional[str] = typer.Option(None, "--device-map", help="e.g. auto (accelerate) for big models."),
     ) -> None:
         """Measure per-layer attention statistics and sensitivity curves into a Parquet directory."""
-        from polykv.calibrate import CalibrationConfig, calibrate as run_calibration, default_data_path, finish
+        from polykv.calibrate import CalibrationConfig, calibrate as run_calibration, default_data_path, finish, select_samples
         from polykv.calibrate.summary import best_policies, read_curves
         from polykv.data import data_hash, load_hf_dataset, load_samples
         from polykv.distributed import Dist
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         if samples is not None:
             if samples < 1:
                 fail("--samples must be at least 1")
-            items = items[:samples]
+            items = select_samples(items, samples)
         try:
             grid = tuple(int(b) for b in _csv(budgets)) if budgets else None
         except ValueError:
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
                 meta = run_calibration(
                     loaded, items, config, out_dir, data_hash(items), overwrite=overwrite,
                     on_sample=on_sample, on_progress=lambda n: progress.advance(task_c, n),
-                    rank=dist.rank, world=dist.world,
+                    rank=dist.rank, world=dist.world, sync=dist.gather_objects,
                 )
             timings = dist.gather_objects(meta["timings"]["per_sample"])
             if dist.rank != 0:

@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         max_context: Optional[int] = typer.Option(None, "--max-context", help="Truncate the context (middle) to fit."),
         device: Optional[str] = typer.Option(None, "--device"),
         dtype: Optional[str] = typer.Option(None, "--dtype"),
+        device_map: Optional[str] = typer.Option(None, "--device-map", help="e.g. auto (accelerate) for big models."),
         attn: str = typer.Option("sdpa", "--attn", help="sdpa | eager"),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     ) -> None:
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
             context = prompt or ""
         if plan is not None and not plan.exists():
             fail(f"plan file {plan} does not exist; create one with polykv solve or pass --policy/--budget")
-        loaded = load_model(model, device=device, dtype=dtype, attn_implementation=attn)
+        loaded = load_model(model, device=device, dtype=dtype, attn_implementation=attn, device_map=device_map)
         from polykv.settings import uniform
 
         n = loaded.model.config.get_text_config(decoder=True).num_hidden_layers

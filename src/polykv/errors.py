@@ -8,7 +8,13 @@ from __future__ import annotations
 
 
 class PolyKVError(Exception):
-    """Base class: a user-facing problem with a one-line message naming the problem and the fix."""
+    """Base class: a user-facing problem with a one-line message naming the problem and the fix.
+
+    Line breaks that user data brings into a message (a key, a name, a path) are escaped, so it stays one line.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"), *args)
 
 
 class PlanError(PolyKVError):
@@ -45,3 +51,7 @@ class DataError(PolyKVError):
 
 class TaskError(PolyKVError):
     """An evaluation task file that cannot be used: missing, no valid instance, unknown metric."""
+
+
+class OutputError(PolyKVError):
+    """An output that cannot be written: its directory is not writable or not a directory, or the write failed."""

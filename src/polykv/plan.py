@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from polykv.errors import PlanError, PlanMismatchError
+from polykv.io import atomic_write_text
 
 SCHEMA_VERSION = 1
 BYTES_PER_ELEMENT = 2
@@ -282,16 +281,7 @@ class Plan:
     def save(self, path: str | Path) -> None:
         """Validate (schema and budget, not the policy registry) and write atomically (temp file + os.replace)."""
         self.validate(check_policies=False)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.to_json())
 
     def check_model(self, fingerprint: dict, model: str | None = None) -> None:
         """Raise PlanMismatchError (naming both models and fingerprints) unless the plan was made for `fingerprint`."""
@@ -305,6 +295,28 @@ class Plan:
             )
 
 
+def _non_finite(value: Any, where: str = "") -> tuple[str, Any] | None:
+    """(path, value) of the first NaN, infinity or number beyond a double (json reads 1e400 as inf), else None."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                if math.isfinite(value):
+                    return None
+            except OverflowError:
+                pass
+            return where, value
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{where}/{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def _validate_dict(d: Any, check_policies: bool) -> None:
     import jsonschema
 
@@ -314,6 +326,11 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
     if isinstance(version, int) and version != SCHEMA_VERSION:
         raise PlanError(f"plan schema_version {version} is not supported (this polykv reads {SCHEMA_VERSION}); "
                         "use a matching polykv or re-solve the plan")
+    bad = _non_finite(d)
+    if bad is not None:
+        where, value = bad
+        shown = value if isinstance(value, float) else "an integer beyond a double"
+        raise PlanError(f"{where or 'top level'} holds {shown}, not a finite JSON number; fix or regenerate the plan")
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(plan_schema()).iter_errors(d))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "top level"

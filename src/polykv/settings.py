@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,19 +58,29 @@ def from_layer_dicts(layers: Sequence[dict], num_layers: int) -> list[LayerSetti
         raise InputError(f"the plan has {len(layers)} layers but the model has {num_layers}; use a plan made for it")
     out = []
     for i, item in enumerate(layers):
-        if "policy" not in item or "budget" not in item:
-            raise InputError(f"layer {i} of the plan needs 'policy' and 'budget' keys, got {sorted(item)}")
-        out.append(LayerSetting(_policy(item["policy"], item.get("params")), int(item["budget"])))
+        if not isinstance(item, dict) or "policy" not in item or "budget" not in item:
+            got = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise InputError(f"layer {i} of the plan needs 'policy' and 'budget' keys, got {got}")
+        budget = item["budget"]
+        if not isinstance(item["policy"], str) or isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+            raise InputError(f"layer {i} of the plan needs a string 'policy' and an integer 'budget', "
+                             f"got {item['policy']!r} and {budget!r}")
+        out.append(LayerSetting(_policy(item["policy"], item.get("params")), int(budget)))
     return out
 
 
 def load_settings(path: str | Path, num_layers: int, fingerprint: dict | None = None) -> list[LayerSetting]:
     """Settings from a plan file (the `polykv solve` format, checked against the model) or a bare JSON list."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"plan file {path} does not exist; check the path or run `polykv solve`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read plan {path} as UTF-8 JSON ({exc}); pass a plan written by `polykv solve`") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"plan {path} is not valid JSON ({exc.msg} at line {exc.lineno}); regenerate it") from exc
+        raise InputError(f"plan {path} is not valid JSON ({exc.msg} at line {exc.lineno}); regenerate it") from None
     if isinstance(data, list):
         return from_layer_dicts(data, num_layers)
     from polykv.plan import Plan

@@ -14,4 +14,23 @@ def default_data_path() -> Path:
     return REPO_ROOT / "calibration_data" / "default.jsonl"
 
 
-__all__ = ["CalibrationConfig", "calibrate", "finish", "default_data_path"]
+def select_samples(samples: list, n: int | None) -> list:
+    """The first `n` samples taken round-robin across categories (file order within each), so that a small
+    calibration still covers every category; all samples when n is None."""
+    if n is None or n >= len(samples):
+        return list(samples)
+    by_cat: dict[str, list] = {}
+    for s in samples:
+        by_cat.setdefault(s.category, []).append(s)
+    queues = list(by_cat.values())
+    out: list = []
+    depth = 0
+    while len(out) < n:
+        for q in queues:
+            if depth < len(q) and len(out) < n:
+                out.append(q[depth])
+        depth += 1
+    return out
+
+
+__all__ = ["select_samples", "CalibrationConfig", "calibrate", "finish", "default_data_path"]

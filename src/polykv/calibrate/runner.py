@@ -2,8 +2,9 @@
 
 Each sample's rows are written as one Parquet part per table, atomically (temp file + rename), statistics first
 and curves last; a sample counts as done when its curves part exists. A run killed at any point and started again
-with the same settings skips the done samples and redoes the rest, so its output equals an uninterrupted run
-(the computation is deterministic for a given machine, model and settings). `metadata.json` is written last.
+with the same settings skips the done samples, removes the temporary files the kill left and redoes the rest, so
+its output equals an uninterrupted run (the computation is deterministic for a given machine, model and settings).
+`metadata.json` is written last.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 import torch
@@ -22,8 +23,8 @@ from polykv.calibrate.sample import PreparedSample, prepare
 from polykv.calibrate.schema import CURVE_METRICS, SCHEMA_VERSION, table
 from polykv.calibrate.sensitivity import Option, e2e_losses, proxy_losses
 from polykv.calibrate.statistics import layer_statistics
-from polykv.errors import CalibrationError, InputError
-from polykv.io import atomic_write, atomic_write_json
+from polykv.errors import CalibrationError, InputError, PolyKVError
+from polykv.io import atomic_write, atomic_write_json, maybe_crash, remove_stale_temps
 from polykv.models import LoadedModel, fingerprint
 from polykv.plan import fingerprint_hash, polykv_version
 from polykv.policies import make_policy, policy_names
@@ -130,7 +131,7 @@ def _check_resume(out: Path, run_info: dict, overwrite: bool) -> None:
     if run_json.exists() and not overwrite:
         try:
             previous = json.loads(run_json.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise CalibrationError(f"{run_json} is corrupt; remove {out} or pass --overwrite to start again")
         if previous != run_info:
             changed = sorted(k for k in set(previous) | set(run_info) if previous.get(k) != run_info.get(k))
@@ -148,6 +149,18 @@ def _check_resume(out: Path, run_info: dict, overwrite: bool) -> None:
         (out / "metadata.json").unlink(missing_ok=True)
 
 
+def _set_up(out: Path, run_info: dict, overwrite: bool) -> None:
+    """Rank 0, before any sample: create `out`, check it holds nothing else, drop a killed run's temp files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CalibrationError(f"cannot create --out {out} ({exc.strerror}); choose a writable directory") from None
+    _check_resume(out, run_info, overwrite)
+    for sub in (out, out / "curves", out / "statistics"):
+        remove_stale_temps(sub)
+    atomic_write_json(out / "run.json", run_info)
+
+
 @torch.no_grad()
 def calibrate(
     loaded: LoadedModel,
@@ -160,11 +173,14 @@ def calibrate(
     on_progress: Callable[[int], None] | None = None,
     rank: int = 0,
     world: int = 1,
+    sync: Callable[[Any], list] | None = None,
 ) -> dict:
     """Calibrate `samples` into `out`; returns the metadata dict. Resumes a matching unfinished run.
 
-    With world > 1 (torch.distributed), rank r does samples r, r + world, ...; rank 0 writes run.json first
-    and metadata.json once every part exists (the caller synchronises the ranks).
+    With world > 1 (torch.distributed), rank r does samples r, r + world, ...; rank 0 checks `out` and writes
+    run.json first, and metadata.json (`finish`) once every part exists. `sync(obj)` must return every rank's
+    `obj` (a barrier, e.g. `Dist.gather_objects`): the other ranks wait on it until rank 0 has set `out` up, and
+    fail with rank 0's error if it could not.
     """
     config.check()
     if not samples:
@@ -187,13 +203,20 @@ def calibrate(
         },
     }
     run_info = json.loads(json.dumps(run_info))  # the form it has once saved (tuples become lists)
+    setup_error: PolyKVError | None = None
     if rank == 0:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CalibrationError(f"cannot create --out {out} ({exc.strerror}); choose a writable directory")
-        _check_resume(out, run_info, overwrite)
-        atomic_write_json(out / "run.json", run_info)
+            _set_up(out, run_info, overwrite)
+        except PolyKVError as exc:
+            setup_error = exc
+    if world > 1:
+        if sync is None:
+            raise ValueError("calibrate with world > 1 needs `sync` to wait for rank 0's set-up")
+        first = sync(None if setup_error is None else str(setup_error))[0]
+        if first is not None and setup_error is None:
+            raise CalibrationError(first)
+    if setup_error is not None:
+        raise setup_error
     timings: dict[str, dict] = {}
     started = time.perf_counter()
     for index, sample in enumerate(samples):
@@ -214,7 +237,9 @@ def calibrate(
             on_sample(index, len(_options(config, prepared.prompt_tokens)) * prepared.capture.num_layers)
         curves, stats, seconds = measure_sample(loaded.model, prepared, config, on_progress)
         _write_parquet(out / "statistics" / part, _rows(loaded.name, fp_hash, sample, stats))
+        maybe_crash(f"between-parts:{index}")
         _write_parquet(out / "curves" / part, _rows(loaded.name, fp_hash, sample, curves))
+        maybe_crash(f"after-sample:{index}")
         timings[sample.id] = {"prompt_tokens": prepared.prompt_tokens, "prefill_s": t1 - t0, **seconds}
         del prepared
     meta = {

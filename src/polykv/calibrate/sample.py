@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from polykv.attention import polykv_attention
 from polykv.capture import Capture, capture
 from polykv.errors import InputError
-from polykv.prompts import encode
+from polykv.prompts import check_fits, encode
 
 
 @dataclass
@@ -40,6 +40,7 @@ def prepare(model: nn.Module, tokenizer, context: str, question: str, answer: st
     ans = tokenizer(answer.strip(), add_special_tokens=False, return_tensors="pt").input_ids
     if ans.shape[1] == 0:
         raise InputError("a calibration sample has an empty answer; every sample needs a non-empty answers[0]")
+    check_fits(model, prompt.length, ans.shape[1])
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     targets = torch.cat([ans[:, 1:], torch.tensor([[eos]])], dim=1).to(device)

@@ -65,6 +65,9 @@ def hash_parquet(curves_dir: Path) -> str:
 
 def _read_metadata(path: Path) -> dict:
     meta_path = path / "metadata.json"
+    if not meta_path.is_file() and (path / "run.json").is_file():
+        raise CalibrationError(f"{path} holds an unfinished calibration (no metadata.json yet); run the same "
+                               "`polykv calibrate` command again to finish it")
     if not meta_path.is_file():
         raise CalibrationError(f"{meta_path} is missing; pass a directory written by `polykv calibrate`")
     try:
@@ -99,6 +102,21 @@ def check_curves_model(curves: pd.DataFrame, meta: dict, where: str) -> None:
         )
 
 
+def _unreadable(curves_dir: Path, exc: Exception) -> CalibrationError:
+    """Name the corrupt part file when one can be found, and how to redo it."""
+    import pyarrow.parquet as pq
+
+    for part in sorted(curves_dir.rglob("*.parquet")):
+        try:
+            pq.read_metadata(part)
+        except Exception as part_exc:
+            reason = (str(part_exc).splitlines() or [type(part_exc).__name__])[0]
+            return CalibrationError(f"{part} is not a readable Parquet file ({reason}); delete it and run the same "
+                                    "`polykv calibrate` command again to redo that sample")
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return CalibrationError(f"cannot read Parquet under {curves_dir} ({reason}); re-run `polykv calibrate`")
+
+
 def load_calibration(path: str | Path) -> Calibration:
     """Load DIR/metadata.json and DIR/curves; CalibrationError on missing parts or mixed models."""
     path = Path(path)
@@ -111,9 +129,18 @@ def load_calibration(path: str | Path) -> Calibration:
     try:
         curves = pd.read_parquet(curves_dir)
     except Exception as exc:  # pyarrow raises several types for unreadable data
-        raise CalibrationError(f"cannot read Parquet under {curves_dir} ({exc}); re-run `polykv calibrate`") from None
+        raise _unreadable(curves_dir, exc) from None
     missing = [c for c in CURVE_COLUMNS if c not in curves.columns]
     if missing:
         raise CalibrationError(f"{curves_dir} lacks column(s) {', '.join(missing)}; re-run `polykv calibrate`")
     check_curves_model(curves, meta, str(curves_dir))
+    expected = meta.get("sample_ids")
+    if isinstance(expected, list):
+        have = set(curves["sample_id"].astype(str))
+        absent = [str(s) for s in expected if str(s) not in have]
+        if absent:
+            raise CalibrationError(
+                f"{path} is incomplete: {len(absent)} of {len(expected)} samples have no curves (first: {absent[0]}); "
+                "run the same `polykv calibrate` command again to redo them"
+            )
     return Calibration(path, meta, curves, hash_parquet(curves_dir))

@@ -23,6 +23,7 @@ from pathlib import Path
 from polykv.evaluate.suite.sources import (
     CHARS_PER_TOKEN,
     EVALUATION,
+    ChangelogEntry,
     Docstring,
     Partition,
     SourceFile,
@@ -140,8 +141,8 @@ def build_variable_tracking(n: int, seed: int, part: Partition = EVALUATION, siz
         blocks = haystack(rng, part, size.target - extra, size.hi - extra)
         context = insert_at_depths(blocks, items)
         question = (
-            "The text above contains assignments of the form VAR X = value. Follow the chain of assignments: "
-            f"what is the numeric value of VAR {ends[asked]}? Answer with the number only."
+            "In the text above, each statement VAR X = ... gives a variable either a number or the value of another "
+            f"variable. What number does VAR {ends[asked]} hold? Answer with the number only."
         )
         out.append(_instance("variable_tracking", i, context, question, [values[asked]], "substring", 24))
     return out
@@ -216,9 +217,25 @@ def _changelog_windows(rng: random.Random, part: Partition, size: Size):
                     break
 
 
+def _change_line(rng: random.Random, entry: ChangelogEntry, context: str) -> str | None:
+    """A one-line bullet ("* Fix ...") of `entry` with at least 5 words, occurring once in the context, or None."""
+    rows = entry.text.splitlines() + [""]
+    lines = []
+    for ln, nxt in zip(rows, rows[1:]):
+        wrapped = nxt.startswith("    ") and not nxt.strip().startswith(("-", "*", "+"))
+        if ln.strip().startswith("* ") and not wrapped:
+            lines.append(ln.strip()[2:].strip())
+    lines = [ln for ln in lines if len(ln.split()) >= 5 and len(ln) <= 100 and context.count(ln) == 1
+             and not any(c.isdigit() for c in ln) and '"' not in ln]
+    return rng.choice(lines) if lines else None
+
+
 def build_changelog_qa(n: int, seed: int, part: Partition = EVALUATION, size: Size = CHANGELOG_SIZE,
                        task: str = "changelog_qa") -> list[Instance]:
-    """Single-document QA on a real Debian changelog: who signed version V, or which version came out on date D."""
+    """Single-document QA on a real Debian changelog, rotating three questions about one entry.
+
+    Who signed version V; which version made a quoted change; who signed the entry with a quoted change.
+    """
     rng = random.Random(seed)
     windows = _changelog_windows(rng, part, size)
     out: list[Instance] = []
@@ -226,15 +243,22 @@ def build_changelog_qa(n: int, seed: int, part: Partition = EVALUATION, size: Si
         window = next(windows)
         context = "\n\n".join(e.text for e in window)
         target = window[rng.randrange(len(window))]
-        dates = [e.date for e in window]
-        if len(out) % 2 == 0 or dates.count(target.date) > 1:
+        kind = len(out) % 3
+        change = _change_line(rng, target, context)
+        if kind == 0:
             question = (f"In the Debian changelog above, who signed off the entry for version {target.version} of "
                         f"{target.source}? Answer with the person's name only.")
             answer = target.signer
-        else:
-            question = (f"In the Debian changelog above, which version of {target.source} was released on "
-                        f"{target.date}? Answer with the version number only.")
+        elif change is None:
+            continue
+        elif kind == 1:
+            question = (f'In the Debian changelog above, which version of {target.source} made the change "{change}"? '
+                        "Answer with the version number only.")
             answer = target.version
+        else:
+            question = (f'In the Debian changelog above, who signed off the entry with the change "{change}"? '
+                        "Answer with the person's name only.")
+            answer = target.signer
         out.append(_instance(task, len(out), context, question, [answer], "f1", 24))
     return out
 
