@@ -54,14 +54,18 @@ class CalibrationConfig:
             raise InputError("--budgets must be positive integers, e.g. 16,32,64")
 
 
-def budget_grid(prompt_tokens: int, budgets: tuple[int, ...] | None) -> list[int]:
-    """The configured budgets, or powers of two from 16 up to the first one >= the prompt (everything kept)."""
+def budget_grid(limit: int, budgets: tuple[int, ...] | None) -> list[int]:
+    """The configured budgets, or powers of two from 16 up to the first one >= `limit` (everything kept).
+
+    `limit` is --max-context when set, so every sample shares one grid (shorter samples keep everything at the
+    top budgets, a loss of exactly 0) and the solver finds every option for every sample.
+    """
     if budgets is not None:
         return sorted(set(budgets))
     grid, b = [], 16
     while True:
         grid.append(b)
-        if b >= prompt_tokens:
+        if b >= limit:
             return grid
         b *= 2
 
@@ -77,7 +81,7 @@ def _options(config: CalibrationConfig, prompt_tokens: int) -> list[Option]:
     opts = []
     for name in config.policies:
         policy = make_policy(name)
-        for b in budget_grid(prompt_tokens, config.budgets):
+        for b in budget_grid(config.max_context or prompt_tokens, config.budgets):
             opts.append(Option(name, b, LayerSetting(policy, b)))
     return opts
 
