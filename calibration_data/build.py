@@ -141,7 +141,7 @@ CATEGORIES = {
     "multikey_needles": lambda n, s: _from_suite(
         "multikey_needles", build_multikey_needles(n, s, CALIBRATION, CAL_SIZE, keys=4)),
     "variable_tracking": lambda n, s: _from_suite(
-        "variable_tracking", build_variable_tracking(n, s, CALIBRATION, CAL_SIZE, chains=3, hops=2)),
+        "variable_tracking", build_variable_tracking(n, s, CALIBRATION, CAL_SIZE, chains=3, hops=(2,))),
     "frequent_words": lambda n, s: _from_suite(
         "frequent_words", build_frequent_words(n, s, CALIBRATION, CAL_SIZE, fillers=60)),
 }

@@ -155,7 +155,6 @@ def evaluate(
     return rows
 
 
-@torch.no_grad()
 def reprefill_instance(
     loaded: LoadedModel,
     inst: TaskInstance,
@@ -165,35 +164,21 @@ def reprefill_instance(
     max_context: int | None = None,
     default_new_tokens: int = 24,
 ) -> tuple[list[dict], float]:
-    """The slow path the engine replaces: one prefill per (method, budget), compressing during the prefill.
+    """The slow path the engine replaces: one `polykv run` (compressing during its own prefill) per job.
 
     Used to check that the engine's answers equal compression during prefill, and to time both.
     """
-    from polykv.apply import apply
+    from polykv.policies import make_policy
+    from polykv.run import run
 
-    model, tok = loaded.model, loaded.tokenizer
-    fp = fingerprint(model.config)
-    prompt = encode(tok, inst.context, inst.question, max_tokens=max_context)
-    device = next(model.parameters()).device
-    eos = eos_ids(tok, model)
+    fp = fingerprint(loaded.model.config)
+    keep_all = [LayerSetting(make_policy("full"), 1)] * fp["num_layers"]
     rows = []
     t0 = time.perf_counter()
     for m in methods:
         for b in m.budgets(budgets):
-            settings = m.settings(b, fp) or [LayerSetting(_FULL, 1)] * fp["num_layers"]
-            with apply(model, settings):
-                first = prompt.ids if mode == "query-aware" else prompt.context
-                out = model(input_ids=first.to(device), use_cache=True, logits_to_keep=1)
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
-                if mode != "query-aware":
-                    logits = model(input_ids=prompt.question.to(device), past_key_values=cache).logits[:, -1, :]
-            tokens = greedy(model, cache, logits, inst.max_new_tokens or default_new_tokens, eos)
-            text = decode_text(tok, tokens, eos)[0]
+            text = run(loaded, m.settings(b, fp) or keep_all, inst.context, inst.question,
+                       inst.max_new_tokens or default_new_tokens, mode, max_context).text
             rows.append({"instance_id": inst.id, "method": m.name, "budget": b, "prediction": text,
                          "score": score(inst.metric, text, inst.answers)})
     return rows, time.perf_counter() - t0
-
-
-from polykv.policies import make_policy as _make_policy  # noqa: E402
-
-_FULL = _make_policy("full")

@@ -81,7 +81,7 @@ def _parse(text: str) -> ast.Module:
 
 @cache
 def python_files(part: Partition) -> tuple[SourceFile, ...]:
-    """The partition's stdlib .py files (top-level modules and package members), sorted by module name."""
+    """The partition's stdlib .py files (top-level modules and package members), in sorted path order."""
     root = stdlib_dir()
     out: list[SourceFile] = []
     for path in sorted(root.rglob("*.py")):
