@@ -38,6 +38,7 @@ from polykv.evaluate.suite.sources import (
     prose_pool,
     python_files,
 )
+from polykv.evaluate.tasks import levenshtein
 
 BUILDER_VERSION = 1
 DEFAULT_SEED = 2000
@@ -363,9 +364,24 @@ def code_window(lines: list[str], end: int, size: Size) -> str | None:
     return text if size.lo <= len(text) <= size.hi else None
 
 
+def _has_sibling(line: str, context: str, threshold: float = 0.6) -> bool:
+    """True if the context has a different line starting with the same word and similar to `line` (edit_sim)."""
+    head = re.match(r"[\w.]+|\S", line).group()  # type: ignore[union-attr]
+    for other in context.splitlines():
+        other = other.strip()
+        if other != line and other.startswith(head) and abs(len(other) - len(line)) < len(line) * 0.5:
+            if 1 - levenshtein(other, line) / max(len(other), len(line)) >= threshold:
+                return True
+    return False
+
+
 def build_code_completion(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
                           task: str = "code_completion") -> list[Instance]:
-    """Next-line completion on real stdlib source (scored by edit similarity, as LongBench's lcc)."""
+    """Next-line completion on real stdlib source (scored by edit similarity, as LongBench's lcc).
+
+    The target line is never verbatim in the context but always has a similar line there (a sibling call, a
+    parallel assignment), so the context helps predict it and losing that part of the cache hurts.
+    """
     rng = random.Random(seed)
     files = [f for f in python_files(part) if len(f.text) >= size.target + 2000]
     out: list[Instance] = []
@@ -376,21 +392,25 @@ def build_code_completion(n: int, seed: int, part: Partition = EVALUATION, size:
         f = order.pop()
         lines = f.lines
         targets = [t for t in completion_targets(f) if sum(len(x) + 1 for x in lines[:t]) >= size.target]
-        if not targets:
-            continue
-        t = rng.choice(targets)
-        context = code_window(lines, t, size)
-        if context is None:
+        rng.shuffle(targets)
+        for t in targets[:40]:
+            context = code_window(lines, t, size)
+            target = lines[t].strip()
+            if context is not None and target not in context and _has_sibling(target, context):
+                break
+        else:
             continue
         question = "Continue the Python code above: write its next line. Answer with that line of code only."
-        out.append(_instance(task, len(out), context, question, [lines[t].strip()], "edit_sim", 32))
+        out.append(_instance(task, len(out), context, question, [target], "edit_sim", 32))
     return out
 
 
+# Label words are related to the statement kinds but are not Python keywords, so the label set (and which word
+# goes with which kind) has to be read off the examples; query lines never contain a label word.
 KIND_LABELS = {
-    "Import": "dependency", "ImportFrom": "dependency", "FunctionDef": "routine", "AsyncFunctionDef": "routine",
-    "Return": "output", "Raise": "failure", "If": "branch", "For": "iteration", "While": "iteration",
-    "Assign": "binding", "AugAssign": "binding", "AnnAssign": "binding", "Expr": "invocation",
+    "Import": "module", "ImportFrom": "module", "FunctionDef": "function", "AsyncFunctionDef": "function",
+    "Return": "result", "Raise": "failure", "If": "condition", "For": "loop", "While": "loop",
+    "Assign": "assignment", "AugAssign": "assignment", "AnnAssign": "assignment", "Expr": "call",
 }
 LABELS = sorted(set(KIND_LABELS.values()))
 
