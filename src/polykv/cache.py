@@ -36,6 +36,7 @@ class PolyKVLayer(CacheLayerMixin):
         self.uniform_heads = True
         self.fresh = False
         self.compressed = False
+        self._buffers: dict[str, Tensor] = {}
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -52,14 +53,31 @@ class PolyKVLayer(CacheLayerMixin):
         if self.fresh:
             self.keys, self.values, self.columns = key_states, value_states, cols.contiguous()
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            self.columns = torch.cat([self.columns, cols], dim=-1)
+            self._append("keys", key_states)
+            self._append("values", value_states)
+            self._append("columns", cols)
             if self.entry_valid is not None:
-                ones = torch.ones(batch, heads, new, dtype=torch.bool, device=key_states.device)
-                self.entry_valid = torch.cat([self.entry_valid, ones], dim=-1)
+                self._append("entry_valid", torch.ones(batch, heads, new, dtype=torch.bool, device=key_states.device))
         self.seen += new
         return self.keys, self.values
+
+    def _append(self, name: str, new: Tensor) -> None:
+        """Append along the sequence into a buffer with slack, so decoding does not copy the cache every step.
+
+        `self.<name>` stays a view of the first n entries; a tensor set from outside (compression, stacking) is
+        copied into a fresh buffer on its first append, so buffers are never shared between layers.
+        """
+        cur = getattr(self, name)
+        buf = self._buffers.get(name)
+        n, m = cur.shape[2], new.shape[2]
+        if buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[2] < n + m or buf.shape[:2] != cur.shape[:2]:
+            shape = list(cur.shape)
+            shape[2] = n + m + max(64, (n + m) // 8)
+            buf = cur.new_empty(shape)
+            buf[:, :, :n] = cur
+            self._buffers[name] = buf
+        buf[:, :, n : n + m] = new
+        setattr(self, name, buf[:, :, : n + m])
 
     def keep(self, indices: Tensor, entry_valid: Tensor | None = None) -> None:
         """Keep only `indices` (B, Hkv, K) of the stored tokens (from `policies.select`)."""

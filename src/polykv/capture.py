@@ -82,7 +82,7 @@ class Capture:
 def clone_layer(src: PolyKVLayer) -> PolyKVLayer:
     """A shallow copy sharing tensors (they are never written in place), safe to compress or extend."""
     dst = PolyKVLayer(src.sliding_window)
-    dst.__dict__.update({k: v for k, v in src.__dict__.items()})
+    dst.__dict__.update({k: v for k, v in src.__dict__.items() if k != "_buffers"})
     return dst
 
 
