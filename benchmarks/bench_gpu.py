@@ -106,7 +106,6 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
             "gather_kv", f"B={batch} T={tokens} K={kept}", 2 * 2 * batch * hkv * kept * dim * elt + idx.numel() * 8,
             lambda: reference.gather_kv(k, v, idx), lambda: tk.gather_kv(k, v, idx), **bench,
         ))
-        del q, k, v
     for batch, length in args.decode:
         k, v = randn(batch, hkv, length, dim), randn(batch, hkv, length, dim)
         q = randn(batch, hq, dim)
@@ -120,7 +119,6 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
                 lambda: reference.decode_attention(q, k, v, lengths, scaling),
                 lambda: tk.decode_attention(q, k, v, lengths, scaling), **bench,
             ))
-        del k, v
     return rows
 
 

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from polykv.apply import apply
-from polykv.attention import polykv_attention
 from polykv.cache import PolyKVCache
 from polykv.errors import InputError
 from polykv.generation import decode_text, eos_ids, greedy

@@ -35,7 +35,6 @@ from polykv.evaluate.suite.sources import (
     license_text,
     number,
     person,
-    prose_pool,
     python_files,
 )
 from polykv.evaluate.tasks import levenshtein
