@@ -185,8 +185,8 @@ def test_shipped_suite_generated_answers_are_right(suite):
             assert re.findall(rf"The special magic number for {re.escape(key)} is (\d+)\.", x.context) == x.answers
         elif x.task == "variable_tracking":
             env: dict[str, str] = {}
-            for name, value in re.findall(r"The value of variable (\w+) is (?:the same as the value of variable )?(\w+)\.",
-                                          x.context):
+            statement = r"The value of variable (\w+) is (?:the same as the value of variable )?(\w+)\."
+            for name, value in re.findall(statement, x.context):
                 env[name] = env.get(value, value)
             asked = re.search(r"value of variable (\w+)\?", x.question).group(1)
             assert env[asked] == x.answers[0], x.id
