@@ -228,3 +228,21 @@ def test_triton_decode_path_matches_torch_path(monkeypatch):
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(outs[0][1], outs[1][1]):
         assert torch.equal(a, b)
+
+
+def test_apply_accepts_a_plan_and_refuses_another_models_plan():
+    from polykv.errors import PlanMismatchError
+    from polykv.models import fingerprint
+    from polykv.plan import uniform_plan
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, T))
+    plan = uniform_plan("tiny", fingerprint(model.config), "snapkv", 8)
+    with apply(model, plan):
+        assert model(ids).past_key_values.stats().kept_tokens == [8, 8, 8]
+    other = uniform_plan("other", {**fingerprint(model.config), "num_layers": 4,
+                                   "num_kv_heads": [2] * 4, "head_dim": [16] * 4,
+                                   "layer_types": ["full_attention"] * 4}, "snapkv", 8)
+    with pytest.raises(PlanMismatchError, match="other"):
+        with apply(model, other):
+            pass

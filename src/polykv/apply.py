@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 
 from polykv.attention import _new_tokens, polykv_attention
 from polykv.cache import PolyKVCache
-from polykv.settings import LayerSetting, from_layer_dicts, load_settings, uniform
+from polykv.settings import LayerSetting, from_layer_dicts, from_plan, load_settings, uniform
 
 
 def num_layers(model: nn.Module) -> int:
@@ -35,8 +35,7 @@ def resolve_settings(model: nn.Module, spec) -> list[LayerSetting]:
     if hasattr(spec, "layers") and hasattr(spec, "check_model"):
         from polykv.models import fingerprint
 
-        spec.check_model(fingerprint(model.config))
-        return from_layer_dicts([{"policy": l.policy, "budget": l.budget, "params": l.params} for l in spec.layers], n)
+        return from_plan(spec, n, fingerprint(model.config))
     if isinstance(spec, Sequence) and spec and all(isinstance(s, LayerSetting) for s in spec):
         if len(spec) != n:
             raise ValueError(f"{len(spec)} layer settings for a model with {n} layers")

@@ -85,7 +85,11 @@ def load_settings(path: str | Path, num_layers: int, fingerprint: dict | None = 
         return from_layer_dicts(data, num_layers)
     from polykv.plan import Plan
 
-    plan = Plan.load(path)
+    return from_plan(Plan.load(path), num_layers, fingerprint)
+
+
+def from_plan(plan, num_layers: int, fingerprint: dict | None = None) -> list[LayerSetting]:
+    """Settings from a loaded `Plan`, after checking it was made for this model (when a fingerprint is given)."""
     if fingerprint is not None:
         plan.check_model(fingerprint)
     return from_layer_dicts([{"policy": l.policy, "budget": l.budget, "params": l.params} for l in plan.layers], num_layers)

@@ -16,7 +16,7 @@ from pathlib import Path
 from polykv.errors import InputError
 from polykv.plan import CostModel, Plan
 from polykv.policies import make_policy, policy_names
-from polykv.settings import LayerSetting, from_layer_dicts
+from polykv.settings import LayerSetting, from_plan
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,7 @@ class Method:
 
             policy = make_policy("snapkv")
             return [LayerSetting(policy, max(1, b)) for b in pyramid_budgets(CostModel.for_fingerprint(fingerprint), budget)]
-        plan = self.plan_for(budget)
-        plan.check_model(fingerprint)
-        return from_layer_dicts([{"policy": l.policy, "budget": l.budget, "params": l.params} for l in plan.layers], n)
+        return from_plan(self.plan_for(budget), n, fingerprint)
 
 
 def _plan_files(path: Path) -> list[tuple[int, str]]:

@@ -436,15 +436,37 @@ def labelled_lines(part: Partition) -> dict[str, list[str]]:
     return {label: list(v) for label, v in out.items()}
 
 
+def _similar_lines(query: str, lines: list[str], k: int, threshold: float = 0.5) -> list[str]:
+    """Up to k lines starting with the query's first word and within `threshold` edit similarity of it."""
+    head = re.match(r"[\w.]+|\S", query).group()  # type: ignore[union-attr]
+    out = []
+    for line in lines:
+        if line != query and line.startswith(head) and abs(len(line) - len(query)) < len(query) // 2:
+            if 1 - levenshtein(line, query) / max(len(line), len(query)) >= threshold:
+                out.append(line)
+                if len(out) == k:
+                    break
+    return out
+
+
 def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                                 task: str = "fewshot_classification") -> list[Instance]:
-    """In-context classification of code lines into kinds whose label words are only learnable from examples."""
+                                 task: str = "fewshot_classification", variant: int = 2) -> list[Instance]:
+    """In-context classification of code lines into kinds whose label words are only learnable from examples.
+
+    Examples cycle through the labels in random order; two of them are lines similar to the query (same kind),
+    placed at random depths, as in-context learning relies on near neighbours.
+    """
     rng = random.Random(seed)
     by_label = labelled_lines(part)
-    out = []
-    for i in range(n):
-        label = LABELS[i % len(LABELS)]
+    out: list[Instance] = []
+    while len(out) < n:
+        label = LABELS[len(out) % len(LABELS)]
         query = rng.choice([x for x in by_label[label] if not any(lb in x.lower() for lb in LABELS)])
+        pool = by_label[label][:]
+        rng.shuffle(pool)
+        near = _similar_lines(query, pool, 2)
+        if len(near) < 2:
+            continue
         blocks: list[str] = []
         total = 0
         while total < size.target:
@@ -455,12 +477,18 @@ def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION
                 if line != query:
                     blocks.append(f"Line: {line}\nKind: {lb}")
                     total += len(blocks[-1]) + 2
-        while total > size.hi:
+        while total > size.hi - 200:
             total -= len(blocks.pop()) + 2
+        for line in near:
+            blocks.insert(rng.randrange(len(blocks) + 1), f"Line: {line}\nKind: {label}")
         context = "\n\n".join(blocks)
-        question = ("Classify the next line the way the lines above are classified. Answer with the kind label only."
-                    f"\nLine: {query}\nKind:")
-        out.append(_instance(task, i, context, question, [label], "substring", 16))
+        if variant == 1:
+            question = ("Classify the next line the way the lines above are classified. Answer with the kind label "
+                        f"only.\nLine: {query}\nKind:")
+        else:
+            question = (f"Line: {query}\nWhich kind label from the examples above fits this line? "
+                        "Answer with the label only.")
+        out.append(_instance(task, len(out), context, question, [label], "substring", 16))
     return out
 
 
