@@ -450,7 +450,8 @@ def _similar_lines(query: str, lines: list[str], k: int, threshold: float = 0.5)
 
 
 def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                                 task: str = "fewshot_classification", variant: int = 2) -> list[Instance]:
+                                 task: str = "fewshot_classification", variant: int = 1, near_k: int = 3,
+                                 near_sim: float = 0.7) -> list[Instance]:
     """In-context classification of code lines into kinds whose label words are only learnable from examples.
 
     Examples cycle through the labels in random order; two of them are lines similar to the query (same kind),
@@ -464,8 +465,8 @@ def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION
         query = rng.choice([x for x in by_label[label] if not any(lb in x.lower() for lb in LABELS)])
         pool = by_label[label][:]
         rng.shuffle(pool)
-        near = _similar_lines(query, pool, 2)
-        if len(near) < 2:
+        near = _similar_lines(query, pool, near_k, near_sim)
+        if len(near) < near_k:
             continue
         blocks: list[str] = []
         total = 0
