@@ -3,9 +3,10 @@
 Eight categories x 4 samples, contexts of ~5.5k-10k characters (~1.6k-2.9k tokens at chars / 3.5), short answers
 (calibration teacher-forces answers[0]). The text comes from the *calibration* partition of
 `polykv.evaluate.suite.sources` (stdlib modules a-m, Debian changelogs of source packages a-m, the Apache-2.0,
-MPL-2.0, Artistic, GFDL-1.3 and CC0-1.0 licenses), so it shares no text with the evaluation suite (modules n-z,
-changelogs n-z, the GNU GPL/LGPL and MPL-1.1 licenses), and the seeds are 1001-1008 (the suite uses 2001-2008).
-The output depends on the machine's Python and Debian versions: the built file is shipped, this script regenerates.
+MPL-2.0, Artistic and CC0-1.0 licenses), so it shares no text with the evaluation suite (modules n-z, changelogs
+n-z, the GNU licenses and MPL-1.1); candidates that still share a passage with the built suite are dropped. Seeds
+are 1001-1008 (the suite uses 2001-2008). The output depends on the machine's Python and Debian versions: the
+built file is shipped and this script regenerates it. Build the suite first.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def build_code_qa(n: int, seed: int, part: Partition = CALIBRATION, size: Size =
             positional = a.args[len(a.args) - len(a.defaults):]
             pairs = list(zip(positional, a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
             for arg, default in pairs:
-                if isinstance(default, ast.Constant) and len(ast.unparse(default)) <= 20:
-                    cands.append((node, arg.arg, ast.unparse(default)))
+                text = ast.get_source_segment(f.text, default) if isinstance(default, ast.Constant) else None
+                if text and len(text) <= 20:  # the literal as written in the source
+                    cands.append((node, arg.arg, text))
         if len(out) % 2 == 0:  # half the questions ask for a default other than None
             cands = [c for c in cands if c[2] != "None"]
         if not cands:

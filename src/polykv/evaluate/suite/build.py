@@ -16,7 +16,7 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +173,8 @@ def word_pool(part: Partition) -> list[str]:
 
 def build_frequent_words(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
                          fillers: int = 80) -> list[Instance]:
-    """A numbered word list in which one word is clearly the most frequent; ask for it (spread over the list)."""
+    """A word list (one per line) in which one word makes 15% of the entries, two others 5% each and 80 fillers the
+    rest; ask for the most frequent one. The evidence is spread over the whole list (aggregation)."""
     rng = random.Random(seed)
     pool = word_pool(part)
     out = []
@@ -196,8 +197,8 @@ def build_frequent_words(n: int, seed: int, part: Partition = EVALUATION, size: 
 # Single- and multi-document QA
 
 
-def _changelog_windows(rng: random.Random, part: Partition, size: Size):
-    """Endless (entries, window) pairs: runs of consecutive changelog entries within the size bounds."""
+def _changelog_windows(rng: random.Random, part: Partition, size: Size) -> Iterator[list[ChangelogEntry]]:
+    """An endless stream of windows: runs of consecutive entries of one changelog within the size bounds."""
     logs = [log for log in changelogs(part) if sum(len(e.text) + 2 for e in log) >= size.lo]
     if not logs:
         raise RuntimeError(f"no Debian changelog of {part.name} packages is long enough; is /usr/share/doc there?")
@@ -363,15 +364,19 @@ def code_window(lines: list[str], end: int, size: Size) -> str | None:
     return text if size.lo <= len(text) <= size.hi else None
 
 
-def _has_sibling(line: str, context: str, threshold: float = 0.6) -> bool:
-    """True if the context has a different line starting with the same word and similar to `line` (edit_sim)."""
-    head = re.match(r"[\w.]+|\S", line).group()  # type: ignore[union-attr]
-    for other in context.splitlines():
-        other = other.strip()
-        if other != line and other.startswith(head) and abs(len(other) - len(line)) < len(line) * 0.5:
-            if 1 - levenshtein(other, line) / max(len(other), len(line)) >= threshold:
-                return True
-    return False
+def _similar_lines(query: str, lines: list[str], k: int, threshold: float) -> list[str]:
+    """Up to k of `lines` (stripped) that differ from `query`, start with its first word, and whose edit
+    similarity to it is at least `threshold`."""
+    head = re.match(r"[\w.]+|\S", query).group()  # type: ignore[union-attr]
+    out = []
+    for line in lines:
+        line = line.strip()
+        if line != query and line.startswith(head) and abs(len(line) - len(query)) < len(query) // 2:
+            if 1 - levenshtein(line, query) / max(len(line), len(query)) >= threshold:
+                out.append(line)
+                if len(out) == k:
+                    break
+    return out
 
 
 def build_code_completion(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
@@ -395,7 +400,7 @@ def build_code_completion(n: int, seed: int, part: Partition = EVALUATION, size:
         for t in targets[:40]:
             context = code_window(lines, t, size)
             target = lines[t].strip()
-            if context is not None and target not in context and _has_sibling(target, context):
+            if context is not None and target not in context and _similar_lines(target, context.splitlines(), 1, 0.6):
                 break
         else:
             continue
@@ -436,26 +441,13 @@ def labelled_lines(part: Partition) -> dict[str, list[str]]:
     return {label: list(v) for label, v in out.items()}
 
 
-def _similar_lines(query: str, lines: list[str], k: int, threshold: float = 0.5) -> list[str]:
-    """Up to k lines starting with the query's first word and within `threshold` edit similarity of it."""
-    head = re.match(r"[\w.]+|\S", query).group()  # type: ignore[union-attr]
-    out = []
-    for line in lines:
-        if line != query and line.startswith(head) and abs(len(line) - len(query)) < len(query) // 2:
-            if 1 - levenshtein(line, query) / max(len(line), len(query)) >= threshold:
-                out.append(line)
-                if len(out) == k:
-                    break
-    return out
-
-
 def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                                 task: str = "fewshot_classification", variant: int = 1, near_k: int = 3,
+                                 task: str = "fewshot_classification", near_k: int = 3,
                                  near_sim: float = 0.7) -> list[Instance]:
     """In-context classification of code lines into kinds whose label words are only learnable from examples.
 
-    Examples cycle through the labels in random order; two of them are lines similar to the query (same kind),
-    placed at random depths, as in-context learning relies on near neighbours.
+    Examples cycle through the labels in random order; `near_k` of them are lines similar to the query (same
+    kind, edit similarity >= `near_sim`) placed at random depths, as in-context learning leans on near neighbours.
     """
     rng = random.Random(seed)
     by_label = labelled_lines(part)
@@ -483,12 +475,8 @@ def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION
         for line in near:
             blocks.insert(rng.randrange(len(blocks) + 1), f"Line: {line}\nKind: {label}")
         context = "\n\n".join(blocks)
-        if variant == 1:
-            question = ("Classify the next line the way the lines above are classified. Answer with the kind label "
-                        f"only.\nLine: {query}\nKind:")
-        else:
-            question = (f"Line: {query}\nWhich kind label from the examples above fits this line? "
-                        "Answer with the label only.")
+        question = ("Classify the next line the way the lines above are classified. Answer with the kind label "
+                    f"only.\nLine: {query}\nKind:")
         out.append(_instance(task, len(out), context, question, [label], "substring", 16))
     return out
 

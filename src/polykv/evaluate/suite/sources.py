@@ -21,7 +21,7 @@ from pathlib import Path
 
 LICENSE_DIR = Path("/usr/share/common-licenses")
 DOC_DIR = Path("/usr/share/doc")
-CHARS_PER_TOKEN = 3.5
+CHARS_PER_TOKEN = 3.5  # the token estimate used for context sizes: characters / 3.5
 
 # Stdlib parts that are generated tables, tests, demos or jokes rather than ordinary code and prose.
 _SKIP_STDLIB = {
@@ -47,11 +47,6 @@ class Partition:
 # The GNU licenses share long paragraphs (GFDL-1.3 reuses GPL-3's termination clause), so all stay on one side.
 CALIBRATION = Partition("calibration", "a", "m", ("Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0"))
 EVALUATION = Partition("evaluation", "n", "z", ("GPL-2", "GPL-3", "LGPL-2.1", "LGPL-3", "GFDL-1.3", "MPL-1.1"))
-
-
-def est_tokens(text: str) -> int:
-    """The builders' token estimate: characters / 3.5."""
-    return round(len(text) / CHARS_PER_TOKEN)
 
 
 def stdlib_dir() -> Path:
