@@ -130,3 +130,38 @@ def test_select_samples_round_robin_across_categories():
     items = [SimpleNamespace(id=f"{c}{i}", category=c) for c in "abc" for i in range(3)]
     assert [s.id for s in select_samples(items, 4)] == ["a0", "b0", "c0", "a1"]
     assert select_samples(items, None) == items and select_samples(items, 99) == items
+
+
+def test_proxy_equals_its_dense_definition():
+    """Proxy = |softmax over kept columns @ V - full output| / |full output|, mass = kept share of prompt attention,
+    computed here densely from the answer queries and keys (no gather, no batching) for every option."""
+    import torch
+
+    from polykv.calibrate.runner import _options
+    from polykv.calibrate.sample import prepare
+    from polykv.calibrate.sensitivity import proxy_losses
+
+    lm = tiny_loaded()
+    prepared = prepare(lm.model, lm.tokenizer, "alpha beta gamma " * 20 + "The key is 417. " + "delta " * 30,
+                       "What is the key?", "417", None, 16)
+    options = _options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
+    for layer in range(len(prepared.capture.cache.layers)):
+        obs = prepared.capture.observation(layer)
+        q = prepared.answer_queries[layer][0].double()
+        k, v = (t[0].double() for t in prepared.answer_keys[layer])
+        g = q.shape[0] // k.shape[0]
+        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        t, m = obs.num_tokens, q.shape[1]
+        causal = torch.ones(m, t + m, dtype=torch.bool).tril(diagonal=t)
+        logits = (q @ k.transpose(-1, -2) * obs.scaling).masked_fill(~causal, float("-inf"))
+        full = torch.softmax(logits, -1) @ v
+        for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options)):
+            keep = torch.zeros(k.shape[0] // g, t + m, dtype=torch.bool)
+            keep[:, t:] = True
+            keep.scatter_(1, opt.setting.kept_indices(obs)[0], True)
+            kept_logits = logits.masked_fill(~keep.repeat_interleave(g, 0)[:, None, :], float("-inf"))
+            out = torch.softmax(kept_logits, -1) @ v
+            probs = torch.softmax(logits, -1)[..., :t]
+            want_mass = (probs * keep.repeat_interleave(g, 0)[:, None, :t]).sum() / probs.sum()
+            assert err == pytest.approx(float((out - full).norm() / full.norm()), rel=1e-4, abs=1e-5)
+            assert mass == pytest.approx(float(want_mass), rel=1e-4)

@@ -131,3 +131,25 @@ def test_unknown_policy_and_parameter_are_clear_errors():
 
 def test_registry_names():
     assert policy_names() == ["full", "streaming", "snapkv", "h2o", "tova", "knorm", "random", "expected_attention"]
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_cumulative_attention_matches_dense_softmax_across_chunks_and_padding(softcap):
+    """H2O's chunked in-place sum equals a dense masked softmax summed over queries, with left padding and GQA."""
+    from polykv.policies.scoring import cumulative_attention
+
+    gen = torch.Generator().manual_seed(0)
+    b, hq, hkv, t, d = 2, 6, 2, 37, 8
+    q, k = torch.randn(b, hq, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :5] = False  # row 1 is left-padded
+    logits = q @ k.repeat_interleave(hq // hkv, dim=1).transpose(-1, -2) * 0.3
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    allowed = torch.ones(t, t, dtype=torch.bool).tril() & valid[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    probs = probs * valid[:, None, :, None]
+    dense = probs.sum(2).view(b, hkv, hq // hkv, t).sum(2)
+    got = cumulative_attention(q, k, 0.3, valid, softcap, chunk=8)  # 5 chunks, the last one ragged
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    assert got[1, :, :5].abs().max() == 0  # padding receives no attention

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from polykv.errors import InputError
-from polykv.policies import LayerObservation, Policy, make_policy, select
+from polykv.policies import LayerObservation, Policy, make_policy, ranking, select
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,11 @@ class LayerSetting:
         if budget >= obs.num_tokens:
             return select(obs.keys.new_zeros(obs.keys.shape[:3]), obs.num_tokens, obs.valid)
         key = ("score", self.policy, budget if self.policy.budget_dependent else None)
-        if key not in obs.memo:
-            obs.memo[key] = self.policy.score(obs, budget)
-        return select(obs.memo[key], budget, obs.valid)
+        if key not in obs.memo:  # one score and one ranking serve every budget of a budget-free policy
+            scores = self.policy.score(obs, budget)
+            obs.memo[key] = scores, ranking(scores, obs.valid)
+        scores, order = obs.memo[key]
+        return select(scores, budget, obs.valid, order)
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.policy.name, "budget": self.budget, "params": self.policy.params()}

@@ -70,28 +70,38 @@ def _answer_attention(sample: PreparedSample, layer: int) -> tuple[Tensor, Tenso
     return probs, v, tokens
 
 
-def proxy_losses(sample: PreparedSample, layer: int, options: list[Option], chunk: int = 16
-                 ) -> list[tuple[float, float]]:
-    """(relative output error, kept attention mass) per option for this layer (unique kept sets batched)."""
+def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> list[tuple[float, float]]:
+    """(relative output error, kept attention mass) per option for this layer.
+
+    Only kept columns are touched: each kept set gathers its K prompt columns of the answer queries' attention and
+    values (cost grows with the budget, not the context), and sets of the same size run as one batch. The answer
+    tokens themselves are never evicted, so their share of each query's output is computed once.
+    """
     probs, v, tokens = _answer_attention(sample, layer)
     full_out = torch.matmul(probs, v)
     full_norm = full_out.norm().clamp_min(1e-12)
-    prompt_mass = probs[..., :tokens].sum().clamp_min(1e-12)
-    q_heads, m, width = probs.shape
+    p_prompt, v_prompt = probs[..., :tokens], v[:, :tokens]
+    prompt_mass = p_prompt.sum().clamp_min(1e-12)
+    answer_num = torch.matmul(probs[..., tokens:], v[:, tokens:])  # (Hq, m, D)
+    answer_den = probs[..., tokens:].sum(-1, keepdim=True)
+    q_heads, m, _ = probs.shape
+    dim = v.shape[-1]
     groups = q_heads // sample.capture.observation(layer).keys.shape[1]
     unique, which = kept_sets(sample, layer, options)
-    results: list[tuple[float, float]] = []
-    for start in range(0, len(unique), chunk):
-        sets = unique[start : start + chunk]
-        keep = torch.zeros(len(sets), sets[0].shape[1], width, dtype=probs.dtype, device=probs.device)
-        keep[..., tokens:] = 1.0  # the answer tokens themselves are never evicted
-        for i, idx in enumerate(sets):
-            keep[i].scatter_(1, idx[0], 1.0)
-        kept = probs[None] * keep.repeat_interleave(groups, dim=1)[:, :, None, :]  # (U, Hq, m, T+m)
-        out = torch.matmul(kept, v[None]) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    by_size: dict[int, list[int]] = {}
+    for i, idx in enumerate(unique):
+        by_size.setdefault(idx.shape[-1], []).append(i)
+    results: list[tuple[float, float]] = [(0.0, 0.0)] * len(unique)
+    for size, members in by_size.items():
+        idx = torch.stack([unique[i][0] for i in members]).repeat_interleave(groups, dim=1)  # (U, Hq, K)
+        n = len(members)
+        p = p_prompt[None].expand(n, -1, -1, -1).gather(3, idx[:, :, None, :].expand(n, q_heads, m, size))
+        vk = v_prompt[None].expand(n, -1, -1, -1).gather(2, idx[..., None].expand(n, q_heads, size, dim))
+        out = (torch.matmul(p, vk) + answer_num) / (p.sum(-1, keepdim=True) + answer_den).clamp_min(1e-30)
         err = (out - full_out[None]).flatten(1).norm(dim=1) / full_norm
-        mass = kept[..., :tokens].flatten(1).sum(1) / prompt_mass
-        results.extend(zip(err.tolist(), mass.tolist()))
+        mass = p.flatten(1).sum(1) / prompt_mass
+        for i, e, k in zip(members, err.tolist(), mass.tolist()):
+            results[i] = (e, k)
     return [results[w] for w in which]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from polykv.policies.base import LayerObservation, Policy, select
+from polykv.policies.base import LayerObservation, Policy, ranking, select
 from polykv.policies.expected_attention import ExpectedAttention
 from polykv.policies.full import Full
 from polykv.policies.h2o import H2O
@@ -44,4 +44,4 @@ def make_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
     return cls(**params)
 
 
-__all__ = ["LayerObservation", "Policy", "select", "policy_names", "make_policy"]
+__all__ = ["LayerObservation", "Policy", "ranking", "select", "policy_names", "make_policy"]

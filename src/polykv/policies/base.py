@@ -81,20 +81,28 @@ class Policy(ABC):
         return self.window_size
 
 
-def select(scores: Tensor, budget: int, valid: Tensor) -> Tensor:
-    """Indices (B, Hkv, K) of kept tokens, ascending, K = min(budget, T).
+def ranking(scores: Tensor, valid: Tensor) -> Tensor:
+    """(B, Hkv, T) token indices from most to least kept; any budget's kept set is a prefix of it.
 
     Padding scores -inf (kept last, only when a row has fewer real tokens than the budget). Ties are broken in
     favour of the later token (a stable sort over the reversed sequence), so the result is deterministic and, among
     protected tokens, the most recent win when the budget is smaller than what a policy protects.
     """
+    tokens = scores.shape[-1]
+    scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+    return tokens - 1 - torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+
+
+def select(scores: Tensor, budget: int, valid: Tensor, order: Tensor | None = None) -> Tensor:
+    """Indices (B, Hkv, K) of kept tokens, ascending, K = min(budget, T): the top of `ranking` (pass `order` when
+    it is already known, e.g. to select several budgets from one score without sorting it again)."""
     batch, heads, tokens = scores.shape
     keep = min(budget, tokens)
     if keep >= tokens:
         return torch.arange(tokens, device=scores.device).expand(batch, heads, tokens).contiguous()
-    scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
-    reversed_order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :keep]
-    return torch.sort(tokens - 1 - reversed_order, dim=-1).values
+    if order is None:
+        order = ranking(scores, valid)
+    return torch.sort(order[..., :keep], dim=-1).values
 
 
 def recent_scores(obs: LayerObservation) -> Tensor:
@@ -110,4 +118,4 @@ def protect_last(scores: Tensor, count: int) -> Tensor:
     return scores
 
 
-__all__ = ["LayerObservation", "Policy", "PROTECT", "select", "recent_scores", "protect_last", "field"]
+__all__ = ["LayerObservation", "Policy", "PROTECT", "ranking", "select", "recent_scores", "protect_last", "field"]
