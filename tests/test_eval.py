@@ -57,8 +57,9 @@ def test_unknown_method_is_a_clear_error():
 
 
 @pytest.mark.bundled
-def test_eval_cli_on_bundled_model(tmp_path):
-    """A short end-to-end eval in CI: full >= heavy compression on retrieval, with JSON on stdout."""
+def test_eval_cli_on_bundled_model(tmp_path, monkeypatch):
+    """A short end-to-end eval in CI: full >= heavy compression on retrieval, with JSON on stdout; killed after one
+    instance, it resumes from its checkpoint (and refuses to mix in other settings)."""
     from polykv_cli.main import app
 
     tasks = tmp_path / "tasks.jsonl"
@@ -68,13 +69,97 @@ def test_eval_cli_on_bundled_model(tmp_path):
                          "answers": [word], "metric": "substring", "max_new_tokens": 12})
              for k, word in enumerate(["pineapple", "lighthouse"])]
     tasks.write_text("\n".join(lines) + "\n{not json\n")
-    result = CliRunner().invoke(app, ["eval", "--tasks", str(tasks), "--budgets", "16,128",
-                                      "--methods", "full,uniform:snapkv,uniform:streaming", "--out",
-                                      str(tmp_path / "ev"), "--json"])
+    args = ["eval", "--tasks", str(tasks), "--budgets", "16,128", "--methods", "full,uniform:snapkv,uniform:streaming",
+            "--out", str(tmp_path / "ev"), "--json"]
+    import polykv.evaluate.engine as engine
+
+    real, calls = engine.evaluate_instance, []
+
+    def dies_on_second(*a, **kw):  # the run is killed while evaluating the second instance
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine, "evaluate_instance", dies_on_second)
+    assert CliRunner().invoke(app, args).exit_code != 0
+    partial = pd.read_parquet(tmp_path / "ev" / "results.partial.parquet")
+    assert set(partial.instance_id) == {"p0"} and not (tmp_path / "ev" / "results.parquet").exists()
+    other = CliRunner().invoke(app, [a if a != "16,128" else "16" for a in args])
+    assert other.exit_code == 2 and "unfinished evaluation with other settings (budgets differ)" in other.output
+    monkeypatch.setattr(engine, "evaluate_instance", real)
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "resuming" in result.stderr and "1 of 2 instances already evaluated" in result.stderr
+    final = pd.read_parquet(tmp_path / "ev" / "results.parquet")
+    assert len(final) == 2 * len(partial) and set(final.instance_id) == {"p0", "p1"}
+    pd.testing.assert_frame_equal(final[final.instance_id == "p0"].reset_index(drop=True), partial)
+    assert not (tmp_path / "ev" / "progress.json").exists()
     summ = json.loads(result.stdout.strip().splitlines()[-1])
     assert summ["budgets"]["16"]["full"] == 100.0
     assert summ["budgets"]["16"]["full"] >= summ["budgets"]["16"]["scores"]["uniform:streaming"]
     assert summ["budgets"]["16"]["scores"]["uniform:streaming"] == 0.0
     assert (tmp_path / "ev" / "report.md").exists() and (tmp_path / "ev" / "scores_vs_budget.png").exists()
     assert "tasks.jsonl:3: skipped, not valid JSON" in result.stderr
+
+
+def test_named_plan_methods_each_get_a_gap_recovery_and_a_task_subset_reports_only_its_tasks():
+    from polykv.errors import InputError
+
+    rows = []
+    for task, full, best, plan, other in (("a", 100, 40, 70, 40), ("b", 50, 30, 30, 50)):
+        for method, budget, s in [("full", None, full), ("uniform:x", 64, best), ("plan", 64, plan),
+                                  ("plan-e2e", 64, other)]:
+            rows.append({"task": task, "method": method, "budget": budget, "score": s, "instance_id": task})
+    df = pd.DataFrame(rows)
+    b = summary(df, "m")["budgets"]["64"]
+    assert b["plan"] == 50 and b["gap_recovery"] == pytest.approx((50 - 35) / (75 - 35))
+    assert b["plans"]["plan-e2e"] == {"score": 45.0, "gap_recovery": pytest.approx((45 - 35) / (75 - 35))}
+    a = summary(df, "m", tasks=["a"])
+    assert a["tasks"] == ["a"] and a["budgets"]["64"]["gap_recovery"] == pytest.approx(0.5)
+    assert a["budgets"]["64"]["plans"]["plan-e2e"]["gap_recovery"] == 0.0
+    with pytest.raises(InputError, match="task.s. c are not in these results"):
+        summary(df, "m", tasks=["a", "c"])
+
+
+def test_plan_method_names_and_specs(tmp_path):
+    from polykv.errors import InputError
+
+    plan = {"average_budget": 64, "layers": []}
+    (tmp_path / "avg64.json").write_text(json.dumps(plan))
+    methods = parse_methods(f"full,plan:{tmp_path},plan-e2e.v2:{tmp_path / 'avg64.json'}", None)
+    assert [m.name for m in methods] == ["full", "plan", "plan-e2e.v2"]
+    assert [m.spec for m in methods] == ["full", f"plan:{tmp_path}", f"plan-e2e.v2:{tmp_path / 'avg64.json'}"]
+    assert parse_methods(",".join(m.spec for m in methods), None) == methods
+    with pytest.raises(InputError, match="unknown method 'plan-a b:"):
+        parse_methods(f"plan-a b:{tmp_path}", None)
+    with pytest.raises(InputError, match="listed twice"):
+        parse_methods(f"plan:{tmp_path},plan:{tmp_path}", None)
+
+
+def test_predicted_loss_check_matches_the_solver_and_ranks_scores(tmp_path):
+    """The report's predicted loss of a plan equals the solver's; a score that falls with predicted loss gives -1."""
+    from test_solve import make_fingerprint, write_calibration
+
+    from polykv.evaluate.prediction import prediction_check, predicted_losses
+    from polykv.solve import aggregate, load_calibration, solve_frontier
+
+    fp = make_fingerprint(num_layers=4)
+    cal_dir = write_calibration(tmp_path / "cal", fp, policies=("snapkv", "h2o", "streaming"))
+    cal = load_calibration(cal_dir)
+    table = aggregate(cal.curves, cal.fingerprint, cal.model, policy_params=cal.policy_params())
+    plans = solve_frontier(table, [32, 64])
+    (tmp_path / "plans").mkdir()
+    for p in plans:
+        p.save(tmp_path / "plans" / f"avg{int(p.average_budget)}.json")
+    info = {"methods": f"uniform:snapkv,uniform:h2o,uniform:streaming,plan:{tmp_path / 'plans'}", "budgets": [32, 64]}
+    pred = predicted_losses(info, cal_dir)
+    assert len(pred) == 8 and set(pred.metric) == {table.metric}
+    for p in plans:
+        got = pred[(pred.method == "plan") & (pred.budget == int(p.average_budget))].predicted_loss.item()
+        assert got == pytest.approx(p.predicted_loss)
+    results = pd.DataFrame([{"task": "t", "instance_id": "i", "method": r.method, "budget": r.budget,
+                             "score": 100 - r.predicted_loss} for r in pred.itertuples()])
+    check = prediction_check(results, info, cal_dir)
+    assert check["points"] == 8 and check["spearman_all"] == pytest.approx(-1.0)
+    assert check["per_budget"]["32"] == {"methods": 4, "spearman": pytest.approx(-1.0)}

@@ -55,7 +55,9 @@ def register(app: typer.Typer) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from polykv.errors import InputError
         from polykv.evaluate.engine import MODES, evaluate_instance, reprefill_instance
+        from polykv.evaluate.progress import clear_progress, load_progress, save_progress
         from polykv.evaluate.methods import parse_methods
         from polykv.evaluate.report import render
         from polykv.evaluate.suite import load_default_suite, suite_files
@@ -106,13 +108,23 @@ def register(app: typer.Typer) -> None:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             fail(f"cannot create --out {out_dir} ({exc.strerror}); choose a writable directory")
+        run_key = {"model": model, "methods": ",".join(m.spec for m in method_list), "budgets": grid, "mode": mode,
+                   "max_context": max_context, "instances": [f"{i.task}/{i.id}" for i in instances]}
+        try:
+            done_rows, done = load_progress(out_dir, run_key)
+        except InputError as exc:
+            fail(str(exc))
+        if done:
+            err.print(f"resuming {out_dir}: {len(done)} of {len(instances)} instances already evaluated", soft_wrap=True)
         loaded = load_model(model, device=device, dtype=dtype)
-        rows, prefill_s, decode_s, checks = [], 0.0, 0.0, []
+        rows, prefill_s, decode_s, checks = list(done_rows), 0.0, 0.0, []
         started = time.perf_counter()
         with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=err) as progress:
-            task = progress.add_task("instances", total=len(instances))
+            task = progress.add_task("instances", total=len(instances), completed=len(done))
             for i, inst in enumerate(instances):
+                if (inst.task, inst.id) in done:
+                    continue
                 res = evaluate_instance(loaded, inst, method_list, grid, mode, max_context, max_rows=max_rows)
                 rows.extend(res.rows)
                 prefill_s += res.prefill_s
@@ -123,6 +135,7 @@ def register(app: typer.Typer) -> None:
                     same = sum(fast[(r["method"], r["budget"])] == r["prediction"] for r in slow_rows)
                     checks.append({"instance": inst.id, "engine_s": res.prefill_s + res.decode_s, "reprefill_s": slow_s,
                                    "same_predictions": same, "configurations": len(slow_rows)})
+                save_progress(out_dir, run_key, rows)
                 progress.advance(task)
         results = pd.DataFrame(rows)
         atomic_write(out_dir / "results.parquet",
@@ -135,9 +148,14 @@ def register(app: typer.Typer) -> None:
                         "decode": round(decode_s, 1)},
             "plans": {str(b): p for b, p in (plan_method.plans if plan_method else ())},
             "calibration": str(calibration) if calibration else None,
+            "methods": run_key["methods"],
+            "budgets": grid,
             "verify_prefill": checks,
         }
+        if done:
+            info["resumed_instances"] = len(done)
         atomic_write_json(out_dir / "info.json", info)
+        clear_progress(out_dir)
         summ = render(out_dir)
         if checks:
             same = sum(c["same_predictions"] for c in checks)
@@ -151,11 +169,21 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @one_line_errors
-    def report(out_dir: Path = typer.Argument(..., help="An evaluation directory (polykv eval --out).")) -> None:
-        """Re-render report.md, summary.json and the plots of an evaluation directory."""
+    def report(
+        out_dir: Path = typer.Argument(..., help="An evaluation directory (polykv eval --out)."),
+        tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma list): writes "
+                                            "report-<tasks>.md and summary-<tasks>.json."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+    ) -> None:
+        """Re-render report.md, summary.json and the plots of an evaluation directory (or a task subset's report)."""
         from polykv.evaluate.report import render
 
         if not (out_dir / "results.parquet").exists():
             fail(f"{out_dir} has no results.parquet; run polykv eval --out {out_dir} first")
-        render(out_dir)
-        out.print(f"wrote {out_dir / 'report.md'}")
+        subset = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+        summ = render(out_dir, subset)
+        if as_json:
+            sys.stdout.write(json.dumps(summ) + "\n")
+            return
+        name = "report.md" if not subset else f"report-{'+'.join(sorted(subset))}.md"
+        out.print(f"wrote {out_dir / name}")

@@ -4,12 +4,14 @@
 - `uniform:<policy>`: one policy, the same budget on every layer;
 - `pyramid`: PyramidKV-style allocation (budgets falling linearly with depth, same total) with SnapKV scoring;
 - `plan:<path>`: a plan file (used at its own average budget) or a directory of plans (for each budget, the plan
-  whose `average_budget` equals it).
+  whose `average_budget` equals it); `plan-<name>:<path>` adds further plans under their own names (e.g. plans
+  solved from another calibration), each with its own gap recovery.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,14 @@ class Method:
     kind: str  # full | uniform | pyramid | plan
     policy: str | None = None
     plans: tuple[tuple[int, str], ...] = ()  # (average budget, plan path) for kind == plan
+    source: str | None = None  # the plan file or directory it came from (kind == plan)
+
+    @property
+    def spec(self) -> str:
+        """The method as `parse_methods` reads it, with plan sources explicit (stored in an evaluation's info)."""
+        if self.kind == "plan":
+            return f"{self.name}:{self.source}"
+        return self.name
 
     def budgets(self, requested: list[int]) -> list[int | None]:
         if self.kind == "full":
@@ -68,8 +78,12 @@ def _plan_files(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+#: `plan`, `plan:PATH`, `plan-NAME:PATH` (NAME: letters, digits, `_` and `.`)
+PLAN_METHOD = re.compile(r"(?P<name>plan(?:-[A-Za-z0-9_.]+)?)(?::(?P<path>.+))?")
+
+
 def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
-    """`full,uniform:snapkv,...,pyramid,plan:DIR`; `uniform:*` = every registered policy but full."""
+    """`full,uniform:snapkv,...,pyramid,plan:DIR,plan-NAME:DIR`; `uniform:*` = every registered policy but full."""
     methods: list[Method] = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         if item == "full":
@@ -82,16 +96,18 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
                 if name not in policy_names():
                     raise InputError(f"unknown policy in method {item!r}; known: {', '.join(policy_names())}")
                 methods.append(Method(f"uniform:{name}", "uniform", policy=name))
-        elif item == "plan" or item.startswith("plan:"):
-            target = Path(item.split(":", 1)[1]) if ":" in item else default_plans
+        elif (named := PLAN_METHOD.fullmatch(item)) is not None:
+            name, path = named.group("name"), named.group("path")
+            target = Path(path) if path else default_plans
             if target is None or not target.exists():
-                raise InputError(f"plan source {target} does not exist; pass plan:PATH with a plan file or directory")
+                raise InputError(f"plan source {target} does not exist; pass {name}:PATH with a plan file or directory")
             plans = _plan_files(target)
             if not plans:
                 raise InputError(f"no plans with an integer average_budget in {target}")
-            methods.append(Method("plan", "plan", plans=tuple(plans)))
+            methods.append(Method(name, "plan", plans=tuple(plans), source=str(target)))
         else:
-            raise InputError(f"unknown method {item!r}; use full, uniform:<policy>, uniform:*, pyramid or plan:<path>")
+            raise InputError(f"unknown method {item!r}; use full, uniform:<policy>, uniform:*, pyramid, plan:<path> or "
+                             "plan-<name>:<path>")
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise InputError(f"a method is listed twice in {spec!r}")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from polykv.errors import InputError
+
 
 def task_scores(results: pd.DataFrame) -> pd.DataFrame:
     """Mean score per (method, budget, task), and the average over tasks (each task weighs the same)."""
@@ -20,28 +22,54 @@ def task_scores(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([per_task, avg], ignore_index=True)
 
 
-def summary(results: pd.DataFrame, model: str) -> dict:
-    """The `--json` object: per budget every method's average, full, best uniform, plan and gap recovery."""
+def select_tasks(results: pd.DataFrame, tasks: list[str] | None) -> pd.DataFrame:
+    """Only these tasks (e.g. the ones a small model can solve with the full cache, or a transfer check's held-out
+    half); an unknown task name is an error, not an empty report."""
+    if not tasks:
+        return results
+    unknown = sorted(set(tasks) - set(results.task))
+    if unknown:
+        raise InputError(f"task(s) {', '.join(unknown)} are not in these results (they have "
+                         f"{', '.join(sorted(results.task.unique()))})")
+    return results[results.task.isin(tasks)]
+
+
+def _gap(plan: float | None, best: float | None, full: float | None) -> float | None:
+    if plan is None or best is None or full is None or full == best:
+        return None
+    return round((plan - best) / (full - best), 4)
+
+
+def summary(results: pd.DataFrame, model: str, tasks: list[str] | None = None) -> dict:
+    """The `--json` object: per budget every method's average, full, best uniform, plan and gap recovery.
+
+    `plan` / `gap_recovery` are the method named `plan` (else the first plan method); `plans` gives every plan
+    method (`plan`, `plan-<name>`) its score and gap recovery.
+    """
+    results = select_tasks(results, tasks)
     scores = task_scores(results)
     avg = scores[scores.task == "average"]
     full = avg[avg.method == "full"].score
     full_score = float(full.iloc[0]) if len(full) else None
-    out: dict = {"model": model, "budgets": {}}
+    plan_names = sorted(m for m in avg.method.unique() if m == "plan" or m.startswith("plan-"))
+    main = "plan" if "plan" in plan_names else (plan_names[0] if plan_names else None)
+    out: dict = {"model": model, "tasks": sorted(results.task.unique()), "budgets": {}}
     for budget in sorted(b for b in avg.budget.unique() if b >= 0):
         at = avg[avg.budget == budget]
         methods = {r.method: round(float(r.score), 4) for r in at.itertuples()}
         uniform = at[at.method.str.startswith("uniform:")]
         best = uniform.loc[uniform.score.idxmax()] if len(uniform) else None
-        plan = methods.get("plan")
-        gap = None
-        if best is not None and plan is not None and full_score is not None and full_score != float(best.score):
-            gap = (plan - float(best.score)) / (full_score - float(best.score))
+        best_score = None if best is None else float(best.score)
+        plans = {name: {"score": methods[name], "gap_recovery": _gap(methods[name], best_score, full_score)}
+                 for name in plan_names if name in methods}
+        plan = methods.get(main) if main else None
         out["budgets"][str(int(budget))] = {
             "scores": methods,
             "full": full_score,
-            "best_uniform": None if best is None else {"method": best.method, "score": round(float(best.score), 4)},
+            "best_uniform": None if best is None else {"method": best.method, "score": round(best_score, 4)},
             "plan": plan,
-            "gap_recovery": None if gap is None else round(gap, 4),
+            "gap_recovery": _gap(plan, best_score, full_score),
+            "plans": plans,
         }
     return out
 
@@ -57,18 +85,35 @@ def markdown(results: pd.DataFrame, info: dict, summ: dict) -> str:
     avg = scores[scores.task == "average"].pivot(index="method", columns="budget", values="score")
     lines.append(_md_table(avg))
     lines += ["", "## Gap recovery: (plan - best uniform) / (full - best uniform)", "",
-              "| budget | full | best uniform | plan | gap recovery |", "|---|---|---|---|---|"]
+              "| budget | full | best uniform | plan method | plan | gap recovery |", "|---|---|---|---|---|---|"]
     for b, v in summ["budgets"].items():
         best = v["best_uniform"]
-        gap = "n/a" if v["gap_recovery"] is None else f"{100 * v['gap_recovery']:.1f}%"
-        plan = "n/a" if v["plan"] is None else f"{v['plan']:.2f}"
         full = "n/a" if v["full"] is None else f"{v['full']:.2f}"
         best_s = "n/a" if best is None else f"{best['method']} {best['score']:.2f}"
-        lines.append(f"| {b} | {full} | {best_s} | {plan} | {gap} |")
+        for name, p in v["plans"].items():
+            gap = "n/a" if p["gap_recovery"] is None else f"{100 * p['gap_recovery']:.1f}%"
+            lines.append(f"| {b} | {full} | {best_s} | {name} | {p['score']:.2f} | {gap} |")
+    if summ.get("prediction"):
+        pred = summ["prediction"]
+        lines += ["", "## Does the calibration predict the scores?", "",
+                  f"Spearman rank correlation between a configuration's predicted loss (sum over layers of the "
+                  f"calibration's aggregated `{pred['metric']}`) and its measured average score, over "
+                  f"{pred['points']} compressed (method, budget) points: **{_fmt(pred['spearman_all'])}** (negative = "
+                  f"lower predicted loss, higher score). Within each budget, across methods:",
+                  "", "| budget | methods | Spearman |", "|---|---|---|"]
+        for b, r in pred["per_budget"].items():
+            lines.append(f"| {b} | {r['methods']} | {_fmt(r['spearman'])} |")
+        for name, r in pred["plans"].items():
+            lines.append(f"\nAlong the frontier of `{name}` ({r['points']} budgets): Spearman "
+                         f"{_fmt(r['spearman'])}.")
     lines += ["", "## Per task", ""]
     for task, group in scores[scores.task != "average"].groupby("task"):
         lines += [f"### {task}", "", _md_table(group.pivot(index="method", columns="budget", values="score")), ""]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _md_table(frame: pd.DataFrame) -> str:
@@ -99,7 +144,12 @@ def plots(results: pd.DataFrame, out: Path, plan_paths: dict[int, str] | None = 
             ax.axhline(float(group.score.iloc[0]), color="black", linestyle="--", label="full")
             continue
         g = group.sort_values("budget")
-        style = dict(linewidth=2.5, color="crimson") if method == "plan" else dict(linewidth=1, alpha=0.8)
+        if method == "plan":
+            style = dict(linewidth=2.5, color="crimson")
+        elif method.startswith("plan-"):
+            style = dict(linewidth=2.0, linestyle="-.")
+        else:
+            style = dict(linewidth=1, alpha=0.8)
         ax.plot(g.budget, g.score, marker="o", label=method, **style)
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
@@ -190,17 +240,30 @@ def plot_heatmap(calibration: Path, path: Path, metric: str = "proxy_err") -> Pa
     return path
 
 
-def render(out: str | Path) -> dict:
-    """(Re)write report.md, summary.json and the plots of an evaluation directory from its results."""
+def render(out: str | Path, tasks: list[str] | None = None) -> dict:
+    """(Re)write report.md, summary.json and the plots of an evaluation directory from its results.
+
+    With `tasks`, the report covers only those tasks and is written as report-<tasks>.md / summary-<tasks>.json
+    (the plots are left as they are).
+    """
     out = Path(out)
     results = pd.read_parquet(out / "results.parquet")
     info = json.loads((out / "info.json").read_text())
-    summ = summary(results, info["model"])
+    summ = summary(results, info["model"], tasks)
+    cal = info.get("calibration")
+    if cal and info.get("methods") and Path(cal).exists():
+        from polykv.evaluate.prediction import prediction_check
+
+        summ["prediction"] = prediction_check(select_tasks(results, tasks), info, Path(cal))
     from polykv.io import atomic_write_json, atomic_write_text
 
+    if tasks:
+        suffix = "-" + "+".join(sorted(tasks))
+        atomic_write_json(out / f"summary{suffix}.json", summ)
+        atomic_write_text(out / f"report{suffix}.md", markdown(select_tasks(results, tasks), info, summ))
+        return summ
     atomic_write_json(out / "summary.json", summ)
     plan_paths = {int(k): v for k, v in info.get("plans", {}).items() if Path(v).exists()}
-    cal = info.get("calibration")
     plots(results, out, plan_paths, Path(cal) if cal else None)
     atomic_write_text(out / "report.md", markdown(results, info, summ))
     return summ
