@@ -200,6 +200,7 @@ def test_aggregate_picks_metric_and_ignores_full():
     assert "full" not in table.policies
     assert len(table.frame) == 4 * len(POLICIES) * len(BUDGETS)
     assert aggregate(synthetic_curves(fp, metrics=("proxy_err",)), fp, "m").metric == "proxy_err"
+    assert aggregate(synthetic_curves(fp, metrics=("proxy_err", "e2e_dnll", "e2e_kl")), fp, "m").metric == "e2e_kl"
     with pytest.raises(CalibrationError, match="e2e_kl"):
         aggregate(synthetic_curves(fp), fp, "m", metric="e2e_kl")
 

@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         curves = read_curves(out_dir)
         grid_all = sorted(curves.budget.dropna().unique().tolist())
         show = [b for b in (64, 256, 1024) if b in grid_all] or grid_all[:3]
-        metric = "proxy_err" if "proxy_err" in set(curves.metric) else "e2e_dnll"
+        metric = "proxy_err" if "proxy_err" in set(curves.metric) else "e2e_kl"
         table = Table(title=f"best policy per layer (mean {metric}, lower is better)")
         table.add_column("layer", justify="right")
         for b in show:
