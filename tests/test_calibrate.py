@@ -17,13 +17,13 @@ from polykv.errors import CalibrationError, DataError, InputError
 BUDGETS = (8, 32, 128, 4096)
 
 
-def run(tmp_path, measure="proxy", n=3, out_name="cal", **kw):
+def run(tmp_path, measure="proxy", n=3, out_name="cal", budgets=BUDGETS, **kw):
     data = tmp_path / "data.jsonl"
     if not data.exists():
         write_samples(data, n=n)
     samples = load_samples(data)
     loaded = tiny_loaded()
-    config = CalibrationConfig(budgets=BUDGETS, measure=measure, max_context=512, e2e_batch=4)
+    config = CalibrationConfig(budgets=budgets, measure=measure, max_context=512, e2e_batch=4)
     out = tmp_path / out_name
     meta = calibrate(loaded, samples, config, out, data_hash(samples), **kw)
     return out, finish(out, meta)
@@ -165,3 +165,32 @@ def test_proxy_equals_its_dense_definition():
             want_mass = (probs * keep.repeat_interleave(g, 0)[:, None, :t]).sum() / probs.sum()
             assert err == pytest.approx(float((out - full).norm() / full.norm()), rel=1e-4, abs=1e-5)
             assert mass == pytest.approx(float(want_mass), rel=1e-4)
+
+
+def test_scaled_measure_adds_reference_rows_equal_to_e2e_and_solves_proxy_scaled(tmp_path):
+    """`--measure scaled`: proxy curves plus e2e KL / proxy error at the reference options; the KL rows equal what
+    `both` measures there, and solve's default metric becomes each layer's proxy curve times its KL/proxy scale."""
+    import numpy as np
+
+    from polykv.calibrate.runner import REFERENCE_OPTIONS
+    from polykv.solve import aggregate, load_calibration
+
+    grid = (8, 32, 64, 128, 4096)  # holds the references' budget, to compare with `both`
+    out, _ = run(tmp_path, measure="scaled", budgets=grid)
+    ref_out, _ = run(tmp_path, measure="both", out_name="both64", budgets=grid)
+    curves, full = pd.read_parquet(out / "curves"), pd.read_parquet(ref_out / "curves")
+    assert set(curves.metric) == {"proxy_err", "proxy_mass", "ref_e2e_kl", "ref_proxy_err"}
+    refs = curves[curves.metric == "ref_e2e_kl"]
+    assert set(zip(refs.policy, refs.budget)) == set(REFERENCE_OPTIONS) and len(refs) == 3 * 3 * 2
+    key = ["sample_id", "layer", "policy", "budget"]
+    got = refs.merge(full[full.metric == "e2e_kl"], on=key, suffixes=("", "_e2e"))
+    assert len(got) == len(refs) and np.allclose(got.value, got.value_e2e, atol=1e-6)
+    cal = load_calibration(out)
+    table = aggregate(cal.curves, cal.fingerprint, cal.model)
+    proxy = aggregate(cal.curves, cal.fingerprint, cal.model, metric="proxy_err")
+    assert table.metric == "proxy_scaled"
+    for layer in range(3):
+        kl = refs[refs.layer == layer].value.sum()
+        err = curves[(curves.metric == "ref_proxy_err") & (curves.layer == layer)].value.sum()
+        a, b = table.frame[table.frame.layer == layer].loss, proxy.frame[proxy.frame.layer == layer].loss
+        assert np.allclose(a.to_numpy(), b.to_numpy() * kl / err)

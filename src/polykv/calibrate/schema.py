@@ -9,7 +9,9 @@ Both tables share one schema (version `SCHEMA_VERSION`): model, fingerprint (12-
 sample_id, category, layer, head (null = whole layer), policy and budget (null for statistics), metric, value.
 Curve metrics: `proxy_err` (relative attention-output error, lower is better), `proxy_mass` (share of the answer
 queries' attention mass kept, higher is better), `e2e_dnll` (rise in answer NLL, nats/token), `e2e_kl`
-(KL(full || compressed) per answer token). Statistics metrics: see `polykv.calibrate.statistics`.
+(KL(full || compressed) per answer token), and with `--measure scaled` `ref_e2e_kl` / `ref_proxy_err`: e2e KL and
+proxy error at a few reference options only (see `polykv.calibrate.runner.REFERENCE_OPTIONS`), from which `solve`
+scales each layer's proxy curve (metric `proxy_scaled`). Statistics metrics: see `polykv.calibrate.statistics`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ SCHEMA = pa.schema(
     metadata={"polykv_schema_version": str(SCHEMA_VERSION)},
 )
 
-CURVE_METRICS = {"proxy": ("proxy_err", "proxy_mass"), "e2e": ("e2e_dnll", "e2e_kl")}
+CURVE_METRICS = {"proxy": ("proxy_err", "proxy_mass"), "e2e": ("e2e_dnll", "e2e_kl"),
+                 "scaled": ("proxy_err", "proxy_mass", "ref_e2e_kl", "ref_proxy_err")}
 
 
 def table(rows: dict[str, list]) -> pa.Table:

@@ -1,7 +1,10 @@
 """Curves -> option table: one predicted loss per (layer, policy, budget), aggregated over calibration samples.
 
 Input rows are per sample; the solver needs one number per option. Rules:
-- metric: `e2e_kl` when present, else `e2e_dnll`, else `proxy_err`, unless one is named; lower is better for all.
+- metric: `e2e_kl` when present, else `proxy_scaled`, else `e2e_dnll`, else `proxy_err`, unless one is named; lower
+  is better for all. `proxy_scaled` (from `calibrate --measure scaled`) is each layer's mean `proxy_err` curve times
+  that layer's scale = sum of `ref_e2e_kl` / sum of `ref_proxy_err` over the reference options and samples: the proxy
+  ranks the options within a layer, the e2e KL at the references says how much that layer's errors reach the output.
   KL comes first because it is never negative and far less noisy: on SmolLM2 (8 samples) 47 % of the per-sample
   `e2e_dnll` values were below zero (compressing one layer barely moves one answer's NLL, so the sign is noise)
   and a solver fed with them spent 16-token budgets on layers whose mean happened to be negative.
@@ -20,7 +23,7 @@ Input rows are per sample; the solver needs one number per option. Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Mapping
 
@@ -30,7 +33,9 @@ import pandas as pd
 from polykv.errors import CalibrationError
 from polykv.plan import CostModel
 
-METRIC_PREFERENCE = ("e2e_kl", "e2e_dnll", "proxy_err")
+METRIC_PREFERENCE = ("e2e_kl", "proxy_scaled", "e2e_dnll", "proxy_err")
+#: metrics that are not curves of their own (rows at reference options only)
+REFERENCE_METRICS = ("ref_e2e_kl", "ref_proxy_err")
 KEY = ["sample_id", "layer", "policy", "budget"]
 
 
@@ -132,6 +137,32 @@ class OptionTable:
         return float(np.interp(b, budgets, losses))
 
 
+def available_metrics(curves: pd.DataFrame) -> list[str]:
+    """Curve metrics a plan can be solved for: the table's own (reference rows excluded), plus `proxy_scaled` when
+    the reference rows and `proxy_err` are there."""
+    have = set(curves["metric"].astype(str).unique())
+    out = sorted(have - set(REFERENCE_METRICS))
+    if "proxy_err" in have and set(REFERENCE_METRICS) <= have:
+        out.append("proxy_scaled")
+    return out
+
+
+def layer_scales(curves: pd.DataFrame, num_layers: int) -> np.ndarray:
+    """Per layer: sum of `ref_e2e_kl` / sum of `ref_proxy_err` over reference options and samples (0 when the
+    references evicted nothing)."""
+    ref = _whole_layer_rows(curves[curves["metric"].isin(REFERENCE_METRICS)])
+    sums = ref.groupby(["layer", "metric"])["value"].sum().unstack("metric")
+    missing = sorted(set(range(num_layers)) - set(int(i) for i in sums.dropna().index))
+    if missing:
+        raise CalibrationError(f"reference rows (ref_e2e_kl, ref_proxy_err) are missing for layer(s) "
+                               f"{', '.join(map(str, missing[:8]))}; recalibrate with --measure scaled")
+    kl = sums["ref_e2e_kl"].reindex(range(num_layers)).to_numpy(np.float64)
+    err = sums["ref_proxy_err"].reindex(range(num_layers)).to_numpy(np.float64)
+    if not (np.isfinite(kl).all() and np.isfinite(err).all()):
+        raise CalibrationError("reference rows hold NaN or infinite values; recalibrate with --measure scaled")
+    return np.where(err > 0, np.maximum(kl, 0.0) / np.where(err > 0, err, 1.0), 0.0)
+
+
 def choose_metric(available: list[str], requested: str | None) -> str:
     if requested is not None:
         if requested not in available:
@@ -226,7 +257,12 @@ def aggregate(
     """Aggregate tidy calibration curves into an OptionTable (rules in the module docstring)."""
     cm = CostModel.for_fingerprint(fingerprint)
     n = cm.num_layers
-    metric = choose_metric(sorted(curves["metric"].astype(str).unique()), metric)
+    metric = choose_metric(available_metrics(curves), metric)
+    if metric == "proxy_scaled":
+        base = aggregate(curves, fingerprint, model, "proxy_err", aggregation, allow_missing, policy_params)
+        scale = layer_scales(curves, n)
+        frame = base.frame.assign(loss=base.frame["loss"].to_numpy() * scale[base.frame["layer"].to_numpy()])
+        return replace(base, metric="proxy_scaled", frame=frame)
     df = curves[(curves["metric"] == metric) & (curves["policy"] != "full")]
     df = _whole_layer_rows(df)[["sample_id", "category", "layer", "policy", "budget", "value"]]
     if df.empty:
