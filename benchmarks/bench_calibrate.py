@@ -3,7 +3,8 @@
 Prints a Markdown section: machine, load, command, and per-sample seconds (median of --repeats) for
   plain prefill (DynamicCache, sdpa), prepare (capture with window queries + cumulative attention + the
   teacher-forced answer), the proxy curves + statistics, and e2e curves for --e2e-layers layers (its per-sample
-  figure is that time x layers / --e2e-layers: an extrapolation, labelled as such), plus peak RSS.
+  figure is that time x layers / --e2e-layers: an extrapolation, labelled as such), the reference e2e forwards of
+  `--measure scaled` (2 options x every layer), plus peak RSS.
 Run: python benchmarks/bench_calibrate.py [--threads 2] [--repeats 3] [--tokens 2048]
 """
 
@@ -30,7 +31,10 @@ def main() -> None:
     ap.add_argument("--e2e-layers", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from polykv.calibrate.runner import CalibrationConfig, _options, measure_sample
+    from polykv.calibrate.runner import REFERENCE_OPTIONS, CalibrationConfig, _options, measure_sample
+    from polykv.calibrate.sensitivity import Option
+    from polykv.policies import make_policy
+    from polykv.settings import LayerSetting
     from polykv.calibrate.sample import prepare
     from polykv.calibrate.sensitivity import e2e_losses
     from polykv.models import load_model
@@ -41,7 +45,9 @@ def main() -> None:
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]
     context = lm.tokenizer.decode(ids[0])
     load0 = os.getloadavg()
-    rows: dict[str, list[float]] = {"plain prefill": [], "prepare": [], "proxy + statistics": [], "e2e (measured layers)": []}
+    rows: dict[str, list[float]] = {"plain prefill": [], "prepare": [], "proxy + statistics": [],
+                                    "scaled: reference e2e (all layers)": [], "e2e (measured layers)": []}
+    refs = [Option(name, b, LayerSetting(make_policy(name), b)) for name, b in REFERENCE_OPTIONS]
     for _ in range(args.repeats):
         t = time.perf_counter()
         with torch.no_grad():
@@ -53,6 +59,10 @@ def main() -> None:
         t = time.perf_counter()
         measure_sample(lm.model, prepared, CalibrationConfig(measure="proxy", max_context=None))
         rows["proxy + statistics"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for layer in range(lm.model.config.num_hidden_layers):
+            e2e_losses(lm.model, prepared, layer, refs, batch=8)
+        rows["scaled: reference e2e (all layers)"].append(time.perf_counter() - t)
         options = _options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
         t = time.perf_counter()
         for layer in range(args.e2e_layers):
@@ -73,6 +83,8 @@ def main() -> None:
     proxy_total = med["prepare"] + med["proxy + statistics"]
     e2e_total = med["prepare"] + med["e2e (measured layers)"] * layers / args.e2e_layers
     print(f"| **proxy sample total** (prepare + proxy) | {proxy_total:.2f} | {proxy_total / base:.2f} |")
+    scaled_total = proxy_total + med["scaled: reference e2e (all layers)"]
+    print(f"| **scaled sample total** (proxy + reference e2e) | {scaled_total:.2f} | {scaled_total / base:.2f} |")
     print(f"| **e2e sample total** (extrapolated from {args.e2e_layers} of {layers} layers) | {e2e_total:.1f} | {e2e_total / base:.1f} |")
     print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

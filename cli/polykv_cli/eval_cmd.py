@@ -173,6 +173,8 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., help="An evaluation directory (polykv eval --out)."),
         tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma list): writes "
                                             "report-<tasks>.md and summary-<tasks>.json."),
+        calibration: Optional[Path] = typer.Option(None, "--calibration", help="Use this calibration for the "
+                                                   "heatmap and the predicted-loss check (recorded in info.json)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
     ) -> None:
         """Re-render report.md, summary.json and the plots of an evaluation directory (or a task subset's report)."""
@@ -181,7 +183,7 @@ def register(app: typer.Typer) -> None:
         if not (out_dir / "results.parquet").exists():
             fail(f"{out_dir} has no results.parquet; run polykv eval --out {out_dir} first")
         subset = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-        summ = render(out_dir, subset)
+        summ = render(out_dir, subset, calibration)
         if as_json:
             sys.stdout.write(json.dumps(summ) + "\n")
             return

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from polykv.errors import InputError
+from polykv.io import atomic_write_json, atomic_write_text
 
 
 def task_scores(results: pd.DataFrame) -> pd.DataFrame:
@@ -240,23 +241,27 @@ def plot_heatmap(calibration: Path, path: Path, metric: str = "proxy_err") -> Pa
     return path
 
 
-def render(out: str | Path, tasks: list[str] | None = None) -> dict:
+def render(out: str | Path, tasks: list[str] | None = None, calibration: str | Path | None = None) -> dict:
     """(Re)write report.md, summary.json and the plots of an evaluation directory from its results.
 
     With `tasks`, the report covers only those tasks and is written as report-<tasks>.md / summary-<tasks>.json
-    (the plots are left as they are).
+    (the plots are left as they are). `calibration` replaces the evaluation's own for the predicted-loss check
+    (e.g. to ask whether another measure predicts the scores better); it is recorded in info.json.
     """
     out = Path(out)
     results = pd.read_parquet(out / "results.parquet")
     info = json.loads((out / "info.json").read_text())
+    if calibration is not None:
+        if not Path(calibration).is_dir():
+            raise InputError(f"calibration {calibration} is not a directory; pass a polykv calibrate --out directory")
+        info["calibration"] = str(calibration)
+        atomic_write_json(out / "info.json", info)
     summ = summary(results, info["model"], tasks)
     cal = info.get("calibration")
     if cal and info.get("methods") and Path(cal).exists():
         from polykv.evaluate.prediction import prediction_check
 
         summ["prediction"] = prediction_check(select_tasks(results, tasks), info, Path(cal))
-    from polykv.io import atomic_write_json, atomic_write_text
-
     if tasks:
         suffix = "-" + "+".join(sorted(tasks))
         atomic_write_json(out / f"summary{suffix}.json", summ)
