@@ -1,6 +1,6 @@
 """Build PolyKV's shipped calibration set: `python calibration_data/build.py --out calibration_data/default.jsonl`.
 
-Eight categories x 4 samples, contexts of ~5.5k-10k characters (~1.6k-2.9k tokens at chars / 3.5), short answers
+Eight categories x 4 samples, contexts of ~9k-12k characters (~2.6k-3.4k tokens at chars / 3.5), short answers
 (calibration teacher-forces answers[0]). The text comes from the *calibration* partition of
 `polykv.evaluate.suite.sources` (stdlib modules a-m, Debian changelogs of source packages a-m, the Apache-2.0,
 MPL-2.0, Artistic and CC0-1.0 licenses), so it shares no text with the evaluation suite (modules n-z, changelogs
@@ -45,7 +45,11 @@ from polykv.evaluate.suite.sources import (
     shares_text,
 )
 
-CAL_SIZE = Size(5500, 8000, 10000)
+# The same lengths as the evaluation suite (EVAL_SIZE). Budgets are absolute token counts, so the curves must be
+# measured at the context lengths the plans will serve: with shorter calibration contexts (5.5k-10k characters,
+# the first version of this file) a 2048-token budget kept the whole of half the samples, looked free, and the
+# plans spent it on layers that then lost the needle at the suite's ~2.5k-token prompts.
+CAL_SIZE = Size(9000, 10500, 12000)
 DEFAULT_SEED = 1000
 SUITE_DIR = Path(__file__).resolve().parents[1] / "src" / "polykv" / "evaluate" / "suite" / "data"
 
