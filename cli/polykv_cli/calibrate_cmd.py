@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Use N samples, taken round-robin across categories."),
         policies: Optional[str] = typer.Option(None, "--policies", help="Comma list (default: all registered)."),
         budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma list (default: 16, 32, ... up to the context)."),
-        measure: str = typer.Option("proxy", "--measure", help="proxy | e2e | both | scaled (proxy curves, each layer scaled by e2e KL at 2 reference options)"),
+        measure: str = typer.Option("scaled", "--measure", help="scaled (default: proxy curves, each layer scaled by e2e KL at 2 reference options) | proxy | e2e | both"),
         max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
         e2e_batch: int = typer.Option(8, "--e2e-batch", help="Options per batched forward in e2e mode."),
         out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (resumed if it holds the same run)."),

@@ -44,7 +44,7 @@ class CalibrationConfig:
 
     policies: tuple[str, ...] = tuple(policy_names())
     budgets: tuple[int, ...] | None = None  # None: 16, 32, 64, ... up to the longest prompt
-    measure: str = "proxy"
+    measure: str = "scaled"  # proxy curves + per-layer e2e scale: the best plans on held-out tasks (BENCHMARKS.md)
     max_context: int | None = 4096
     e2e_batch: int = 8
 
