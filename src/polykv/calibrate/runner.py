@@ -33,8 +33,8 @@ from polykv.settings import LayerSetting
 MEASURES = ("proxy", "e2e", "both", "scaled")
 CAPTURE_WINDOW = 64
 #: `--measure scaled`: the options at which each layer's e2e KL is measured to put its proxy curve on the scale of
-#: the model's output (two generic heavy evictions: recency only, and query-aware). 2 forwards per layer instead of
-#: one per option: ~+5 % over `proxy`, against ~25x for `e2e`.
+#: the model's output (two generic heavy evictions: recency only, and query-aware). 2 answer forwards per layer
+#: instead of one per option: ~+65 % over a `proxy` sample on SmolLM2 (BENCHMARKS.md), against ~25x for `e2e`.
 REFERENCE_OPTIONS = (("streaming", 64), ("snapkv", 64))
 
 
