@@ -9,7 +9,7 @@ from polykv.models import load_model
 from polykv.apply import apply
 assert polykv.__file__.startswith(sys.argv[1]), polykv.__file__
 lm = load_model("smollm2-135m")
-text = open("/work/main/examples/passkey.txt").read() * 2
+text = (__import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "passkey.txt").read_text() * 2
 ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :2048]
 ts = {}
 for name in ("snapkv", "h2o", "streaming"):
