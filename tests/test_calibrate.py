@@ -179,7 +179,7 @@ def test_scaled_measure_adds_reference_rows_equal_to_e2e_and_solves_proxy_scaled
     out, _ = run(tmp_path, measure="scaled", budgets=grid)
     ref_out, _ = run(tmp_path, measure="both", out_name="both64", budgets=grid)
     curves, full = pd.read_parquet(out / "curves"), pd.read_parquet(ref_out / "curves")
-    assert set(curves.metric) == {"proxy_err", "proxy_mass", "ref_e2e_kl", "ref_proxy_err"}
+    assert set(curves.metric) == {"proxy_err", "proxy_mass", "ref_e2e_kl", "ref_proxy_err", "uniform_e2e_kl"}
     refs = curves[curves.metric == "ref_e2e_kl"]
     assert set(zip(refs.policy, refs.budget)) == set(REFERENCE_OPTIONS) and len(refs) == 3 * 3 * 2
     key = ["sample_id", "layer", "policy", "budget"]
@@ -194,3 +194,49 @@ def test_scaled_measure_adds_reference_rows_equal_to_e2e_and_solves_proxy_scaled
         err = curves[(curves.metric == "ref_proxy_err") & (curves.layer == layer)].value.sum()
         a, b = table.frame[table.frame.layer == layer].loss, proxy.frame[proxy.frame.layer == layer].loss
         assert np.allclose(a.to_numpy(), b.to_numpy() * kl / err)
+
+
+def test_uniform_anchors_equal_a_direct_measurement_and_anchor_the_solve(tmp_path):
+    """`uniform_e2e_kl` (layer -1) is the answer KL with every layer compressed by one option, measured in padded
+    batches: it equals a one-row measurement; `proxy_anchored` curves then sum over layers to exactly that value at
+    every anchored (policy, budget), and keep each layer's proxy_scaled shape."""
+    import numpy as np
+    import torch
+
+    from polykv.calibrate.sample import prepare
+    from polykv.compat import with_cache
+    from polykv.attention import polykv_attention
+    from polykv.policies import make_policy
+    from polykv.settings import LayerSetting
+    from polykv.solve import aggregate, load_calibration
+
+    out, _ = run(tmp_path, measure="scaled", budgets=(8, 32, 64, 128, 4096))
+    curves = pd.read_parquet(out / "curves")
+    anchors = curves[curves.metric == "uniform_e2e_kl"]
+    assert set(anchors.layer) == {-1} and set(anchors.budget) <= {8, 32, 64, 128} and len(anchors)
+    assert (anchors.value >= -1e-6).all()
+    sample = load_samples(tmp_path / "data.jsonl")[0]
+    loaded = tiny_loaded()
+    prepared = prepare(loaded.model, loaded.tokenizer, sample.context, sample.question, sample.answers[0], 512, 64)
+    for r in anchors[anchors.sample_id == sample.id].head(6).itertuples():
+        cache = prepared.capture.compress([LayerSetting(make_policy(r.policy), int(r.budget))] * 3)
+        with torch.no_grad(), polykv_attention(loaded.model):
+            logits = loaded.model(input_ids=prepared.answer_in, **with_cache(loaded.model, cache), use_cache=True).logits
+        lp = torch.log_softmax(logits[0].float(), -1)
+        full = prepared.full_logprobs
+        assert r.value == pytest.approx(float((full.exp() * (full - lp)).sum(-1).mean()), rel=1e-4, abs=1e-6)
+
+    cal = load_calibration(out)
+    scaled = aggregate(cal.curves, cal.fingerprint, cal.model, metric="proxy_scaled")
+    anchored = aggregate(cal.curves, cal.fingerprint, cal.model, metric="proxy_anchored")
+    assert anchored.metric == "proxy_anchored"
+    measured = anchors.groupby(["policy", "budget"])["value"].mean()
+    shaped = 0
+    for (policy, budget), want in measured.items():
+        got = sum(anchored.predicted_loss(layer, policy, int(budget)) for layer in range(3))
+        assert got == pytest.approx(max(want, 0.0), rel=1e-6, abs=1e-12)
+        ratio = [anchored.predicted_loss(l, policy, int(budget)) / s for l in range(3)
+                 if (s := scaled.predicted_loss(l, policy, int(budget))) > 0]
+        assert np.allclose(ratio, ratio[:1])  # one factor per (policy, budget): the layers' shape is kept
+        shaped += len(ratio) > 1
+    assert shaped

@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Option(..., "--out", "-o"),
         calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration dir for the heatmap."),
         verify_prefill: int = typer.Option(0, "--verify-prefill", help="Also re-run K instances with one prefill per method: equality and speed-up."),
-        max_rows: int = typer.Option(16, "--max-rows", help="Compressed caches decoded together."),
+        max_rows: int = typer.Option(64, "--max-rows", help="Compressed caches decoded together."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
         device: Optional[str] = typer.Option(None, "--device"),
         dtype: Optional[str] = typer.Option(None, "--dtype"),

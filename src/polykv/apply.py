@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache
 
 from polykv.attention import _new_tokens, polykv_attention
 from polykv.cache import PolyKVCache
+from polykv.compat import cache_key_in
 from polykv.settings import LayerSetting, from_layer_dicts, from_plan, load_settings, uniform
 
 
@@ -51,10 +52,11 @@ def apply(model: nn.Module, plan_or_policy) -> Iterator[list[LayerSetting]]:
     settings = resolve_settings(model, plan_or_policy)
 
     def use_polykv_cache(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        key = cache_key_in(kwargs, model)
+        cache = kwargs.get(key)
         empty = cache is None or (isinstance(cache, Cache) and not isinstance(cache, PolyKVCache) and cache.get_seq_length() == 0)
         if empty and kwargs.get("use_cache", True) is not False and _new_tokens(args, kwargs) is not None:
-            kwargs["past_key_values"] = PolyKVCache.for_config(model.config, settings=settings)
+            kwargs[key] = PolyKVCache.for_config(model.config, settings=settings)
         return args, kwargs
 
     # registered first so that it runs before the padding tracker that polykv_attention installs

@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from polykv import kernels
 from polykv.cache import PolyKVCache
+from polykv.compat import cache_in
 
 CACHE_KWARG = "polykv_cache"
 BASES = ("sdpa", "eager")
@@ -57,6 +58,8 @@ def _make_wrapper(base: str) -> Callable:
         visible = layer.visible(q_cols, cache.column_valid)
         if visible is None and q_len == 1 and kernels.routes_to_triton(key):
             return _decode_kernel(query, key, value, kwargs), None
+        if visible is not None and q_len == 1 and kwargs.get("s_aux") is None:
+            return _masked_decode(query, key, value, visible, kwargs), None
         if visible is not None:
             groups = query.shape[1] // key.shape[1]
             if visible.shape[1] > 1 and groups > 1:
@@ -76,6 +79,15 @@ def _decode_kernel(query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> T
     lengths = torch.full(key.shape[:2], key.shape[2], dtype=torch.int32, device=key.device)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     out = kernels.decode_attention(query[:, :, 0], key, value, lengths, float(scaling), kwargs.get("softcap"))
+    return out.unsqueeze(1).to(query.dtype)
+
+
+def _masked_decode(query: Tensor, key: Tensor, value: Tensor, visible: Tensor, kwargs: dict) -> Tensor:
+    """One-token attention under a (B, Hkv or 1, 1, N) visibility mask, grouped by KV head; (B, 1, Hq, D)."""
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    out = kernels.reference.masked_decode_attention(
+        query[:, :, 0], key, value, visible[:, :, 0], float(scaling), kwargs.get("softcap")
+    )
     return out.unsqueeze(1).to(query.dtype)
 
 
@@ -124,7 +136,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _inject_cache(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = cache_in(kwargs)
     if isinstance(cache, PolyKVCache):
         kwargs[CACHE_KWARG] = cache
     return args, kwargs
@@ -140,7 +152,7 @@ def _new_tokens(args, kwargs) -> Tensor | None:
 
 
 def _track_padding(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = cache_in(kwargs)
     x = _new_tokens(args, kwargs)
     if isinstance(cache, PolyKVCache) and x is not None:
         cache.track_padding(kwargs.get("attention_mask"), x.shape[1], x.shape[0], x.device)

@@ -218,6 +218,48 @@ class PolyKVCache(Cache):
                 out.index_bytes += layer.columns.numel() * layer.columns.element_size()
         return out
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep/reorder batch rows (beam search, or dropping finished rows from a batched decode)."""
+        super().reorder_cache(beam_idx)
+        if self.column_valid is not None:
+            self.column_valid = self.column_valid.index_select(0, beam_idx.to(self.column_valid.device))
+
     @property
     def is_compileable(self) -> bool:
         return False
+
+
+def stack(caches: list[PolyKVCache], slack: int = 0) -> PolyKVCache:
+    """One batch from single-row caches of one capture: per layer, pad to the widest row with masked entries.
+
+    Each tensor is built inside a buffer with room for `slack` more tokens, so decoding appends in place instead of
+    copying the whole batch on its first step.
+    """
+    layers = []
+    for per_row in zip(*(c.layers for c in caches)):
+        width = max(l.keys.shape[2] for l in per_row)
+        first = per_row[0]
+        dst = PolyKVLayer(first.sliding_window)
+        dst.is_initialized, dst.dtype, dst.device = True, first.keys.dtype, first.keys.device
+        dst.seen, dst.compressed = first.seen, True
+        ragged = any(l.keys.shape[2] != width or l.entry_valid is not None for l in per_row)
+
+        def stacked(name: str, parts: list[Tensor], fill) -> Tensor:
+            shape = list(parts[0].shape)
+            shape[0], shape[2] = len(parts), width + slack
+            buf = torch.full(shape, fill, dtype=parts[0].dtype, device=parts[0].device)
+            for row, part in enumerate(parts):
+                buf[row : row + 1, :, : part.shape[2]] = part
+            dst._buffers[name] = buf
+            return buf[:, :, :width]
+
+        for name in ("keys", "values", "columns"):
+            setattr(dst, name, stacked(name, [getattr(l, name) for l in per_row], 0))
+        if ragged:
+            valid = [l.entry_valid if l.entry_valid is not None else torch.ones_like(l.columns, dtype=torch.bool)
+                     for l in per_row]
+            dst.entry_valid = stacked("entry_valid", valid, False)
+        cols = dst.columns
+        dst.uniform_heads = bool((cols == cols[:, :1]).all())
+        layers.append(dst)
+    return PolyKVCache(layers)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from polykv.attention import polykv_attention
 from polykv.cache import PolyKVCache, PolyKVLayer
+from polykv.compat import with_cache
 from polykv.policies import LayerObservation
 from polykv.settings import LayerSetting
 from polykv.observe import observe_layer
@@ -99,7 +100,7 @@ def capture(
     cache = PolyKVCache.for_config(model.config, observer=observer)
     with polykv_attention(model):
         out = model(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+            input_ids=input_ids, attention_mask=attention_mask, **with_cache(model, cache), use_cache=True,
             logits_to_keep=1,
         )
     return Capture(cache=cache, observer=observer, last_logits=out.logits[:, -1, :])

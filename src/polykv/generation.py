@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from polykv.attention import polykv_attention
 from polykv.cache import PolyKVCache
+from polykv.compat import with_cache
 
 
 @torch.no_grad()
@@ -20,27 +21,39 @@ def greedy(
     first_logits: Tensor,
     max_new_tokens: int,
     eos_token_ids: set[int] | None = None,
+    shrink: float = 0.25,
 ) -> Tensor:
     """Greedy tokens (B, n <= max_new_tokens) continuing from `first_logits` (B, V), the prefill's last logits.
 
-    Rows that hit EOS keep decoding (batched) but their later tokens are replaced by the first EOS id.
+    A row's tokens after its first EOS are that EOS id. Finished rows leave the batch (and the cache) once they
+    are at least `shrink` of it, so a batch of short answers does not keep paying for its longest one.
     """
     eos = sorted(eos_token_ids or ())
-    eos_t = torch.tensor(eos, device=first_logits.device, dtype=torch.long)
+    device = first_logits.device
+    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
     token = first_logits.argmax(dim=-1, keepdim=True)
-    out = [token]
-    done = torch.isin(token[:, 0], eos_t) if eos else torch.zeros(token.shape[0], dtype=torch.bool)
+    out = torch.full((token.shape[0], max_new_tokens), eos[0] if eos else 0, dtype=torch.long, device=device)
+    out[:, 0] = token[:, 0]
+    rows = torch.arange(token.shape[0], device=device)  # the output row of each row still in the batch
+    done = torch.isin(token[:, 0], eos_t) if eos else torch.zeros(token.shape[0], dtype=torch.bool, device=device)
+    steps = 1
     with polykv_attention(model):
-        for _ in range(max_new_tokens - 1):
-            if bool(done.all()):
+        for step in range(1, max_new_tokens):
+            finished = int(done.sum())
+            if finished == len(rows):
                 break
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1, :]
+            if finished and finished >= shrink * len(rows):
+                live = (~done).nonzero()[:, 0]
+                cache.reorder_cache(live)
+                rows, token, done = rows[live], token[live], done[live]
+            logits = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
             token = logits.argmax(dim=-1, keepdim=True)
             if eos:
                 token = torch.where(done[:, None], eos_t[0], token)
                 done = done | torch.isin(token[:, 0], eos_t)
-            out.append(token)
-    return torch.cat(out, dim=1)
+            out[rows, step] = token[:, 0]
+            steps = step + 1
+    return out[:, :steps]
 
 
 def eos_ids(tokenizer, model) -> set[int]:

@@ -9,6 +9,7 @@ import torch
 
 from polykv.apply import apply
 from polykv.cache import PolyKVCache
+from polykv.compat import output_cache, with_cache
 from polykv.errors import InputError
 from polykv.generation import decode_text, eos_ids, greedy
 from polykv.models import LoadedModel
@@ -70,11 +71,11 @@ def run(
     with apply(model, settings):
         first = prompt.ids if mode == "query-aware" or prompt.question.shape[1] == 0 else prompt.context
         out = model(input_ids=first.to(device), use_cache=True, logits_to_keep=1)
-        cache: PolyKVCache = out.past_key_values
+        cache: PolyKVCache = output_cache(out)
         stats = cache.stats()  # the compressed prompt, before any chunk or generated token is appended
         logits = out.logits[:, -1, :]
         if first.shape[1] < prompt.length:
-            logits = model(input_ids=prompt.question.to(device), past_key_values=cache, use_cache=True).logits[:, -1, :]
+            logits = model(input_ids=prompt.question.to(device), **with_cache(model, cache), use_cache=True).logits[:, -1, :]
     t1 = time.perf_counter()
     tokens = greedy(model, cache, logits, max_new_tokens, eos)
     t2 = time.perf_counter()

@@ -21,7 +21,7 @@ import torch
 
 from polykv.calibrate.sample import PreparedSample, prepare
 from polykv.calibrate.schema import CURVE_METRICS, SCHEMA_VERSION, table
-from polykv.calibrate.sensitivity import Option, e2e_losses, proxy_losses
+from polykv.calibrate.sensitivity import Option, e2e_losses, proxy_losses, uniform_losses
 from polykv.calibrate.statistics import layer_statistics
 from polykv.errors import CalibrationError, InputError, PolyKVError
 from polykv.io import atomic_write, atomic_write_json, maybe_crash, remove_stale_temps
@@ -36,6 +36,8 @@ CAPTURE_WINDOW = 64
 #: the model's output (two generic heavy evictions: recency only, and query-aware). 2 answer forwards per layer
 #: instead of one per option: ~+65 % over a `proxy` sample on SmolLM2 (BENCHMARKS.md), against ~25x for `e2e`.
 REFERENCE_OPTIONS = (("streaming", 64), ("snapkv", 64))
+#: the `layer` of whole-model rows: `uniform_e2e_kl` is measured with every layer compressed by one option
+ALL_LAYERS = -1
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,12 @@ def measure_sample(model, prepared: PreparedSample, config: CalibrationConfig, t
             seconds["e2e"] += time.perf_counter() - t
         if tick:
             tick(len(options))
+    if config.measure == "scaled":
+        t = time.perf_counter()
+        anchors = [o for o in options if o.budget < prepared.prompt_tokens]
+        for opt, kl in zip(anchors, uniform_losses(model, prepared, anchors, config.e2e_batch)):
+            curves.append((ALL_LAYERS, None, opt.policy, opt.budget, "uniform_e2e_kl", kl))
+        seconds["uniform"] = time.perf_counter() - t
     return curves, stats, seconds
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from polykv.attention import polykv_attention
 from polykv.capture import Capture, capture
+from polykv.compat import with_cache
 from polykv.errors import InputError
 from polykv.prompts import check_fits, encode
 
@@ -49,7 +50,7 @@ def prepare(model: nn.Module, tokenizer, context: str, question: str, answer: st
     full.observer = cap.observer
     cap.observer.chunk_queries.clear()
     with polykv_attention(model):
-        logits = model(input_ids=ans.to(device), past_key_values=full, use_cache=True).logits[0].float()
+        logits = model(input_ids=ans.to(device), **with_cache(model, full), use_cache=True).logits[0].float()
     full.observer = None
     logprobs = torch.log_softmax(logits, dim=-1)
     nll = float(-logprobs.gather(-1, targets[0, :, None]).mean())

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from polykv.attention import polykv_attention
-from polykv.cache import PolyKVCache
+from polykv.cache import PolyKVCache, stack
 from polykv.capture import clone_layer
 from polykv.calibrate.sample import PreparedSample
+from polykv.compat import with_cache
 from polykv.settings import LayerSetting
 
 
@@ -138,9 +139,31 @@ def e2e_losses(model: nn.Module, sample: PreparedSample, layer: int, options: li
             sets = unique[start : start + batch]
             cache = _batched_cache(sample, layer, sets)
             inputs = sample.answer_in.expand(len(sets), -1)
-            logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
             lp = torch.log_softmax(logits, dim=-1)
             nll = -lp.gather(-1, sample.targets.expand(len(sets), -1)[..., None])[..., 0].mean(-1)
             kl = (full_lp.exp()[None] * (full_lp[None] - lp)).sum(-1).mean(-1)
             results.extend((float(n) - sample.full_nll, float(k)) for n, k in zip(nll, kl))
     return [results[w] for w in which]
+
+
+@torch.no_grad()
+def uniform_losses(model: nn.Module, sample: PreparedSample, options: list[Option], batch: int = 8) -> list[float]:
+    """KL to full per answer token when EVERY layer is compressed with one option (the uniform configuration).
+
+    These whole-model anchors tell `solve` how per-layer losses (each measured with one layer compressed) add up
+    when all layers are compressed at once, per policy and budget (metric `proxy_anchored`).
+    """
+    full_lp = sample.full_logprobs
+    layers = sample.capture.num_layers
+    results: list[float] = []
+    with polykv_attention(model):
+        for start in range(0, len(options), batch):
+            group = options[start : start + batch]
+            cache = stack([sample.capture.compress([o.setting] * layers) for o in group])
+            inputs = sample.answer_in.expand(len(group), -1)
+            logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
+            lp = torch.log_softmax(logits, dim=-1)
+            kl = (full_lp.exp()[None] * (full_lp[None] - lp)).sum(-1).mean(-1)
+            results.extend(float(k) for k in kl)
+    return results

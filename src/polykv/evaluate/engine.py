@@ -15,8 +15,10 @@ from typing import Callable
 import torch
 
 from polykv.attention import polykv_attention
-from polykv.cache import PolyKVCache, PolyKVLayer
+from polykv.cache import PolyKVCache, stack
 from polykv.capture import capture
+from polykv.compat import with_cache
+from polykv.evaluate.batching import partition
 from polykv.evaluate.methods import Method
 from polykv.evaluate.tasks import TaskInstance, score
 from polykv.generation import decode_text, eos_ids, greedy
@@ -34,48 +36,11 @@ class Job:
     settings: list[LayerSetting] | None
 
 
-def stack_caches(caches: list[PolyKVCache]) -> PolyKVCache:
-    """One batch from single-row caches of one capture: per layer, pad to the widest row with masked entries."""
-    layers = []
-    for per_row in zip(*(c.layers for c in caches)):
-        width = max(l.keys.shape[2] for l in per_row)
-        first = per_row[0]
-        dst = PolyKVLayer(first.sliding_window)
-        dst.is_initialized, dst.dtype, dst.device = True, first.keys.dtype, first.keys.device
-        dst.seen, dst.compressed = first.seen, True
-
-        def pad(t, value):
-            extra = width - t.shape[2]
-            if extra == 0:
-                return t
-            shape = list(t.shape)
-            shape[2] = extra
-            return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim=2)
-
-        dst.keys = torch.cat([pad(l.keys, 0) for l in per_row])
-        dst.values = torch.cat([pad(l.values, 0) for l in per_row])
-        dst.columns = torch.cat([pad(l.columns, 0) for l in per_row])
-        valid = [pad(torch.ones(l.columns.shape, dtype=torch.bool, device=l.columns.device), False) for l in per_row]
-        dst.entry_valid = None if all(l.keys.shape[2] == width for l in per_row) else torch.cat(valid)
-        cols = dst.columns
-        dst.uniform_heads = bool((cols == cols[:, :1]).all())
-        layers.append(dst)
-    return PolyKVCache(layers)
-
-
-def _batches(max_rows: int, max_tokens: int, widths: list[int]) -> list[list[int]]:
-    """Group jobs of similar width (total kept tokens) so padding stays small: <= max_rows, <= max_tokens each."""
-    order = sorted(range(len(widths)), key=lambda i: widths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:  # ascending, so widths[i] is the widest of the batch it joins
-        if current and (len(current) >= max_rows or widths[i] * (len(current) + 1) > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+def weight_tokens(model: torch.nn.Module, cap) -> float:
+    """The weights' bytes in units of one layer-token of K+V: what one more decode batch costs per step."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    keys = cap.cache.layers[0].keys
+    return weights / (2 * keys.shape[1] * keys.shape[3] * keys.element_size())
 
 
 @dataclass
@@ -95,7 +60,7 @@ def evaluate_instance(
     budgets: list[int],
     mode: str = "query-aware",
     max_context: int | None = None,
-    max_rows: int = 16,
+    max_rows: int = 64,
     max_tokens: int = 60_000,
     default_new_tokens: int = 24,
 ) -> InstanceResult:
@@ -114,16 +79,16 @@ def evaluate_instance(
     t1 = time.perf_counter()
     eos = eos_ids(tok, model)
     max_new = inst.max_new_tokens or default_new_tokens
-    widths = [sum(l.kept_tokens for l in c.layers) for c in compressed]
+    widths = [[l.kept_tokens for l in c.layers] for c in compressed]
     rows: list[dict] = [{} for _ in jobs]
-    for batch in _batches(max_rows, max_tokens * cap.num_layers, widths):
-        cache = stack_caches([compressed[i] for i in batch])
+    for batch in partition(widths, weight_tokens(model, cap), max_rows, max_tokens * cap.num_layers):
+        cache = stack([compressed[i] for i in batch], slack=max_new + prompt.length - first.shape[1])
         if mode == "query-aware":
             logits = cap.last_logits.expand(len(batch), -1)
         else:
             q = prompt.question.to(device).expand(len(batch), -1)
             with polykv_attention(model):
-                logits = model(input_ids=q, past_key_values=cache, use_cache=True).logits[:, -1, :]
+                logits = model(input_ids=q, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
         tokens = greedy(model, cache, logits, max_new, eos)
         for i, text in zip(batch, decode_text(tok, tokens, eos)):
             stats = compressed[i].stats()

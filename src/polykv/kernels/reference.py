@@ -94,3 +94,26 @@ def decode_attention(
     probs = torch.softmax(logits.masked_fill_(outside, float("-inf")), dim=-1)
     out = torch.matmul(probs, v.float())
     return out.reshape(batch, q_heads, v.shape[-1]).to(q.dtype)
+
+
+def masked_decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scaling: float, softcap: float | None = None
+) -> Tensor:
+    """(B, Hq, Dv): one query per sequence over the keys `visible` (B, Hkv or 1, Tmax) marks, without GQA copies.
+
+    The ragged-batch decode path (padded or per-head caches): each KV head's G query heads are attended as G rows
+    against that head's keys, so K and V are never repeated G times (what a plain sdpa call with a mask does on
+    CPU, and most of a batched decode step's time there).
+    """
+    batch, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = check_gqa(q_heads, kv_heads)
+    queries = q.reshape(batch, kv_heads, groups, dim)
+    mask = visible[:, :, None, :]
+    if softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scaling)
+    else:
+        logits = softcapped(torch.matmul(queries.float(), k.float().transpose(-1, -2)) * scaling, softcap)
+        probs = torch.softmax(logits.masked_fill_(~mask, float("-inf")), dim=-1)
+        out = torch.matmul(probs, v.float())
+    return out.reshape(batch, q_heads, v.shape[-1]).to(q.dtype)

@@ -8,6 +8,8 @@ Input rows are per sample; the solver needs one number per option. Rules:
   KL comes first because it is never negative and far less noisy: on SmolLM2 (8 samples) 47 % of the per-sample
   `e2e_dnll` values were below zero (compressing one layer barely moves one answer's NLL, so the sign is noise)
   and a solver fed with them spent 16-token budgets on layers whose mean happened to be negative.
+  `proxy_anchored` (calibrations with `uniform_e2e_kl` rows) further scales each policy's `proxy_scaled` curves so
+  that they sum over layers to the measured whole-model KL of that policy used uniformly (see `anchor_factors`).
 - whole-layer rows (`head` null) are used; if a table has only per-head rows, heads are averaged per layer first.
 - `full` rows are ignored: `full` keeps the whole context, it is not a budget option (see runner: pins).
 - statistic over samples: `mean` (default), or `quantile:Q` / `max` for a robust plan that guards the bad tail.
@@ -33,9 +35,11 @@ import pandas as pd
 from polykv.errors import CalibrationError
 from polykv.plan import CostModel
 
-METRIC_PREFERENCE = ("e2e_kl", "proxy_scaled", "e2e_dnll", "proxy_err")
+METRIC_PREFERENCE = ("e2e_kl", "proxy_scaled", "proxy_anchored", "e2e_dnll", "proxy_err")
 #: metrics that are not curves of their own (rows at reference options only)
 REFERENCE_METRICS = ("ref_e2e_kl", "ref_proxy_err")
+#: whole-model rows (layer -1): e2e KL with every layer compressed by one option
+ANCHOR_METRIC = "uniform_e2e_kl"
 KEY = ["sample_id", "layer", "policy", "budget"]
 
 
@@ -141,10 +145,51 @@ def available_metrics(curves: pd.DataFrame) -> list[str]:
     """Curve metrics a plan can be solved for: the table's own (reference rows excluded), plus `proxy_scaled` when
     the reference rows and `proxy_err` are there."""
     have = set(curves["metric"].astype(str).unique())
-    out = sorted(have - set(REFERENCE_METRICS))
+    out = sorted(have - set(REFERENCE_METRICS) - {ANCHOR_METRIC})
     if "proxy_err" in have and set(REFERENCE_METRICS) <= have:
         out.append("proxy_scaled")
+        if ANCHOR_METRIC in have:
+            out.append("proxy_anchored")
     return out
+
+
+def anchor_factors(curves: pd.DataFrame, scaled: "OptionTable") -> pd.DataFrame:
+    """Per (policy, budget) with whole-model rows: measured uniform KL / the sum of the layers' predicted losses.
+
+    The per-layer losses are each measured with one layer compressed; summing them assumes errors add up across
+    layers, which holds better for some policies than others (e.g. errors that later layers repair). Scaling each
+    policy's curves by this factor makes the predicted loss of every calibrated uniform configuration equal its
+    measured whole-model loss, so a plan is only preferred to a uniform policy where the per-layer differences
+    say it should be. Columns: policy, budget, measured, predicted, factor.
+    """
+    rows = curves[(curves["metric"] == ANCHOR_METRIC) & (curves["policy"] != "full")]
+    measured = rows.groupby(["policy", "budget"], as_index=False)["value"].mean()
+    out = []
+    for r in measured.itertuples():
+        losses = [scaled.predicted_loss(layer, str(r.policy), int(r.budget)) for layer in range(scaled.num_layers)]
+        if any(x is None for x in losses):
+            continue
+        predicted = float(sum(losses))
+        value = max(float(r.value), 0.0)  # a KL; tiny negatives are rounding
+        factor = value / predicted if predicted > 0 else 1.0
+        out.append((str(r.policy), int(r.budget), value, predicted, factor))
+    return pd.DataFrame(out, columns=["policy", "budget", "measured", "predicted", "factor"])
+
+
+def _anchored(curves: pd.DataFrame, scaled: "OptionTable") -> pd.DataFrame:
+    """The scaled frame with each option's loss times its policy's anchor factor, interpolated in log2(budget)
+    between anchored budgets and held constant beyond them (policies without anchors keep factor 1)."""
+    factors = anchor_factors(curves, scaled)
+    if factors.empty:
+        raise CalibrationError(f"no usable {ANCHOR_METRIC} rows; recalibrate with --measure scaled")
+    frame = scaled.frame.copy()
+    for policy, g in factors.groupby("policy"):
+        g = g.sort_values("budget")
+        at = frame["policy"] == policy
+        f = np.interp(np.log2(frame.loc[at, "budget"].to_numpy(np.float64)), np.log2(g["budget"].to_numpy(np.float64)),
+                      g["factor"].to_numpy(np.float64))
+        frame.loc[at, "loss"] = frame.loc[at, "loss"].to_numpy() * f
+    return frame
 
 
 def layer_scales(curves: pd.DataFrame, num_layers: int) -> np.ndarray:
@@ -263,6 +308,9 @@ def aggregate(
         scale = layer_scales(curves, n)
         frame = base.frame.assign(loss=base.frame["loss"].to_numpy() * scale[base.frame["layer"].to_numpy()])
         return replace(base, metric="proxy_scaled", frame=frame)
+    if metric == "proxy_anchored":
+        scaled = aggregate(curves, fingerprint, model, "proxy_scaled", aggregation, allow_missing, policy_params)
+        return replace(scaled, metric="proxy_anchored", frame=_anchored(curves, scaled))
     df = curves[(curves["metric"] == metric) & (curves["policy"] != "full")]
     df = _whole_layer_rows(df)[["sample_id", "category", "layer", "policy", "budget", "value"]]
     if df.empty:
