@@ -10,6 +10,7 @@ from conftest import TINY, tiny_llama
 from polykv.apply import apply
 from polykv.attention import polykv_attention
 from polykv.capture import capture
+from polykv.compat import output_cache, with_cache
 from polykv.policies import make_policy, policy_names
 from polykv.settings import LayerSetting, uniform
 
@@ -41,7 +42,7 @@ def test_every_policy_keeps_exactly_its_budget(name):
     ids = torch.randint(0, 128, (2, T))
     budget = 1 if name == "streaming" else 7
     with apply(model, (name, budget)):
-        cache = model(ids).past_key_values
+        cache = output_cache(model(ids))
     for layer in cache.layers:
         expected = T if name == "full" else budget
         assert layer.keys.shape == (2, 2, expected, 16)
@@ -55,7 +56,7 @@ def test_budget_at_or_above_context_keeps_everything():
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, T))
     with apply(model, ("snapkv", T + 5)):
-        cache = model(ids).past_key_values
+        cache = output_cache(model(ids))
     assert cache.stats().kept_tokens == [T] * 3
     assert cache.stats().kv_bytes == cache.stats().kv_bytes_full
 
@@ -69,8 +70,8 @@ def test_chunk_after_compression_equals_token_by_token(arch, attn):
     chunked, stepped = cap.compress(settings), cap.compress(settings)
     chunk = torch.randint(0, 128, (2, 6))
     with polykv_attention(model):
-        a = model(chunk, past_key_values=chunked).logits
-        b = torch.cat([model(chunk[:, i : i + 1], past_key_values=stepped).logits for i in range(6)], dim=1)
+        a = model(chunk, **with_cache(model, chunked)).logits
+        b = torch.cat([model(chunk[:, i : i + 1], **with_cache(model, stepped)).logits for i in range(6)], dim=1)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -84,7 +85,7 @@ def test_ragged_cache_equals_masked_full_attention(arch, attn):
     settings = ragged(len(cap.cache.layers))
     cache = cap.compress(settings)
     with polykv_attention(model):
-        got = model(nxt, past_key_values=cache).logits
+        got = model(nxt, **with_cache(model, cache)).logits
 
     # reference: a plain DynamicCache forward of prompt + chunk, each layer's mask hiding what that layer evicted
     full_cols = torch.arange(T + 3)
@@ -111,9 +112,9 @@ def test_ragged_cache_equals_masked_full_attention(arch, attn):
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in mods]
     try:
         dyn = DynamicCache()
-        model(ids, past_key_values=dyn)
+        model(ids, **with_cache(model, dyn))
         # the plain cache would drop sliding-layer history; keep it all so the masks index full columns
-        ref = model(nxt, past_key_values=_full_history(model, ids)).logits
+        ref = model(nxt, **with_cache(model, _full_history(model, ids))).logits
     finally:
         for h in handles:
             h.remove()
@@ -126,7 +127,7 @@ def _full_history(model, ids):
 
     cache = DynamicCache()
     cache.layers = [DynamicLayer() for _ in range(model.config.num_hidden_layers)]
-    model(ids, past_key_values=cache)
+    model(ids, **with_cache(model, cache))
     return cache
 
 
@@ -136,7 +137,7 @@ def test_prefill_compression_equals_capture_compression(name):
     ids = torch.randint(0, 128, (2, T))
     settings = uniform(name, 9, 3)
     with apply(model, settings):
-        live = model(ids).past_key_values
+        live = output_cache(model(ids))
     offline = capture(model, ids, window=64).compress(settings)
     for a, b in zip(live.layers, offline.layers):
         assert torch.equal(a.columns, b.columns)
@@ -151,7 +152,7 @@ def test_sdpa_and_eager_agree_on_ragged_cache():
         model = tiny_llama(attn)
         cache = capture(model, ids, window=8).compress(ragged(3))
         with polykv_attention(model):
-            outs.append(model(nxt, past_key_values=cache).logits)
+            outs.append(model(nxt, **with_cache(model, cache)).logits)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
@@ -192,7 +193,7 @@ def test_stats_count_bytes_exactly():
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, T))
     with apply(model, ragged(3)):
-        cache = model(ids).past_key_values
+        cache = output_cache(model(ids))
     stats = cache.stats()
     per_token = 2 * 2 * 2 * 16 * 4  # K+V x batch x kv heads x head dim x fp32
     assert stats.kept_tokens == [10, 17, 7]
@@ -210,7 +211,7 @@ def test_apply_restores_model():
     assert model.config._attn_implementation == "sdpa"
     assert not any(m._forward_pre_hooks for m in model.modules())
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
-    assert type(model(ids).past_key_values).__name__ == "DynamicCache"
+    assert type(output_cache(model(ids))).__name__ == "DynamicCache"
 
 
 def test_triton_decode_path_matches_torch_path(monkeypatch):
@@ -222,9 +223,9 @@ def test_triton_decode_path_matches_torch_path(monkeypatch):
     for choice in ("torch", "triton"):
         monkeypatch.setenv("POLYKV_KERNELS", choice)
         with apply(model, ragged(3)):
-            cache = model(ids).past_key_values
+            cache = output_cache(model(ids))
         with polykv_attention(model):
-            outs.append((model(nxt, past_key_values=cache).logits, [l.columns.clone() for l in cache.layers]))
+            outs.append((model(nxt, **with_cache(model, cache)).logits, [l.columns.clone() for l in cache.layers]))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(outs[0][1], outs[1][1]):
         assert torch.equal(a, b)
@@ -239,10 +240,30 @@ def test_apply_accepts_a_plan_and_refuses_another_models_plan():
     ids = torch.randint(0, 128, (1, T))
     plan = uniform_plan("tiny", fingerprint(model.config), "snapkv", 8)
     with apply(model, plan):
-        assert model(ids).past_key_values.stats().kept_tokens == [8, 8, 8]
+        assert output_cache(model(ids)).stats().kept_tokens == [8, 8, 8]
     other = uniform_plan("other", {**fingerprint(model.config), "num_layers": 4,
                                    "num_kv_heads": [2] * 4, "head_dim": [16] * 4,
                                    "layer_types": ["full_attention"] * 4}, "snapkv", 8)
     with pytest.raises(PlanMismatchError, match="other"):
         with apply(model, other):
             pass
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_cache_is_passed_under_the_installed_transformers_name(arch, attn):
+    """transformers 5.24 renamed `past_key_values` to `cache`: the helpers use the model's own name (no deprecation
+    warning), and a compressed cache handed over that way is the one the layers fill."""
+    import inspect
+    import warnings
+
+    from polykv.cache import PolyKVCache
+    from polykv.compat import cache_argument
+
+    model = TINY[arch](attn)
+    assert cache_argument(model) in inspect.signature(type(model).forward).parameters
+    cache = PolyKVCache.for_config(model.config, settings=uniform("streaming", 8, model.config.num_hidden_layers))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with polykv_attention(model):
+            out = model(torch.randint(0, 128, (1, 20)), **with_cache(model, cache), use_cache=True)
+    assert output_cache(out) is cache and cache.stats().kept_tokens == [8] * model.config.num_hidden_layers

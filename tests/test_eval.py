@@ -33,6 +33,68 @@ def test_engine_equals_compressing_during_prefill(mode):
             assert got[(r["method"], r["budget"])] == r["prediction"], (r["method"], r["budget"])
 
 
+def test_partition_is_the_cheapest_contiguous_split_within_limits():
+    """The batch partition against brute force over every split of the width-sorted jobs."""
+    import itertools
+    import random
+
+    from polykv.evaluate.batching import partition
+
+    rng = random.Random(0)
+    for _ in range(30):
+        n, layers = rng.randint(1, 7), rng.randint(1, 3)
+        widths = [[rng.choice([4, 8, 16, 64, 300]) for _ in range(layers)] for _ in range(n)]
+        fixed, max_rows, max_tokens = rng.choice([0, 50, 1000]), rng.randint(1, 4), rng.choice([10**6, 700])
+        order = sorted(range(n), key=lambda j: sum(widths[j]))
+
+        def cost(group):
+            return fixed + len(group) * sum(max(widths[j][l] for j in group) for l in range(layers))
+
+        def allowed(group):
+            padded = len(group) * sum(max(widths[j][l] for j in group) for l in range(layers))
+            return len(group) <= max_rows and (padded <= max_tokens or len(group) == 1)
+
+        best = min(
+            sum(cost(g) for g in groups)
+            for cuts in itertools.product([False, True], repeat=n - 1)
+            for groups in [[order[a:b] for a, b in zip([0] + [i + 1 for i, c in enumerate(cuts) if c],
+                                                       [i + 1 for i, c in enumerate(cuts) if c] + [n])]]
+            if all(allowed(g) for g in groups)
+        )
+        got = partition(widths, fixed, max_rows, max_tokens)
+        assert sorted(j for g in got for j in g) == list(range(n)) and all(allowed(g) for g in got)
+        assert sum(cost(g) for g in got) == best
+
+
+def test_finished_rows_leaving_the_batch_changes_no_token():
+    """greedy() drops rows once they hit EOS; every row's tokens equal a run where nobody leaves."""
+    import torch
+
+    from polykv.cache import stack
+    from polykv.capture import capture
+    from polykv.generation import greedy
+    from polykv.policies import make_policy
+    from polykv.settings import LayerSetting
+
+    loaded = tiny_loaded()
+    model = loaded.model
+    ids = torch.randint(5, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(3))
+    cap = capture(model, ids)
+    caches = [cap.compress([LayerSetting(make_policy(p), b)] * cap.num_layers)
+              for p in ("streaming", "snapkv", "h2o") for b in (8, 24)]
+    first = cap.last_logits.expand(len(caches), -1)
+    free = greedy(model, stack(caches), first, 10)
+    eos = {int(free[0, 2]), int(free[3, 4])}  # rows stop at different steps
+    kept = greedy(model, stack(caches), first, 10, eos, shrink=2.0)  # never shrinks
+    dropped = greedy(model, stack(caches, slack=10), first, 10, eos, shrink=0.0)  # leaves at once
+    assert torch.equal(kept, dropped)
+    for row in range(len(caches)):
+        stop = next((i for i, t in enumerate(free[row].tolist()) if t in eos), None)
+        if stop is not None:
+            assert torch.equal(kept[row, : stop + 1], free[row, : stop + 1]) and set(kept[row, stop + 1 :].tolist()) <= {min(eos)}
+    assert (kept == min(eos)).any()
+
+
 def test_gap_recovery_arithmetic():
     rows = []
     for task, base in (("a", 0), ("b", 10)):

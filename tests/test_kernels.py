@@ -132,6 +132,26 @@ def test_reference_decode_and_gather_match_naive(gen, groups):
             assert torch.equal(k_out[b, h], k[b, h, idx[b, h]]) and torch.equal(v_out[b, h], v[b, h, idx[b, h]])
 
 
+@pytest.mark.parametrize("groups", GROUPS)
+@pytest.mark.parametrize("per_head", [False, True])
+def test_masked_decode_matches_naive_over_the_visible_keys(gen, groups, per_head):
+    """The ragged-batch decode path: any visibility pattern (padding in the middle, per-KV-head sets)."""
+    batch, kv_heads, tmax, dim = 3, 2, 11, 8
+    q = randn(gen, batch, kv_heads * groups, dim)
+    k, v = randn(gen, batch, kv_heads, tmax, dim), randn(gen, batch, kv_heads, tmax, dim)
+    visible = torch.rand(batch, kv_heads if per_head else 1, tmax, generator=gen, device=DEVICE) > 0.4
+    visible[..., -1] = True  # the token being decoded is always visible
+    for softcap in (None, 2.5):
+        got = reference.masked_decode_attention(q, k, v, visible, 0.3, softcap)
+        for b in range(batch):
+            for h in range(kv_heads * groups):
+                keep = visible[b, h // groups if per_head else 0]
+                lengths = torch.tensor([[int(keep.sum())]], device=DEVICE)
+                want = naive_decode(q[b : b + 1, h : h + 1], k[b : b + 1, h // groups : h // groups + 1, keep],
+                                    v[b : b + 1, h // groups : h // groups + 1, keep], lengths, 0.3, softcap)
+                assert_close(got[b, h], want[0, 0], FP32_TOL)
+
+
 # ---------------------------------------------------------------------------------------------- window scores
 
 

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_llama
 from polykv.apply import apply
+from polykv.compat import output_cache, with_cache
 from polykv.policies import make_policy, policy_names
 
 T, BUDGET = 48, 12
@@ -21,7 +22,7 @@ def reference_run():
     model = tiny_llama("eager", seed=3)
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(7))
     cache = DynamicCache()
-    out = model(ids, past_key_values=cache, output_attentions=True)
+    out = model(ids, **with_cache(model, cache), output_attentions=True)
     probs = [a[0].detach().double() for a in out.attentions]
     keys = [layer.keys[0].detach() for layer in cache.layers]
     return model, ids, probs, keys
@@ -79,7 +80,7 @@ def test_kept_set_matches_brute_force(reference_run, name, params):
 
     setting = LayerSetting(make_policy(name, params), BUDGET)
     with apply(model, [setting] * 3):
-        cache = model(ids).past_key_values
+        cache = output_cache(model(ids))
     for layer_idx, layer in enumerate(cache.layers):
         ref = ref_scores(name, probs[layer_idx], keys[layer_idx], params)
         for h in range(layer.columns.shape[1]):
@@ -94,7 +95,7 @@ def test_random_is_seeded_and_differs_by_seed():
         from polykv.settings import LayerSetting
 
         with apply(model, [LayerSetting(make_policy("random", {"seed": seed}), BUDGET)] * 3):
-            runs.append(model(ids).past_key_values.layers[0].columns.clone())
+            runs.append(output_cache(model(ids)).layers[0].columns.clone())
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
@@ -105,7 +106,7 @@ def test_expected_attention_is_deterministic_and_keeps_window():
     cols = []
     for _ in range(2):
         with apply(model, ("expected_attention", BUDGET)):
-            cols.append(model(ids).past_key_values.layers[1].columns.clone())
+            cols.append(output_cache(model(ids)).layers[1].columns.clone())
     assert torch.equal(cols[0], cols[1])
     # window 32 > budget 12: the budget goes to the most recent window tokens
     assert cols[0][0, 0].tolist() == list(range(T - BUDGET, T))
@@ -115,7 +116,7 @@ def test_protected_window_larger_than_budget_keeps_most_recent():
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, T))
     with apply(model, ("snapkv", 5)):
-        cache = model(ids).past_key_values
+        cache = output_cache(model(ids))
     assert cache.layers[0].columns[0, 0].tolist() == list(range(T - 5, T))
 
 

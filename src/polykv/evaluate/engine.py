@@ -1,9 +1,9 @@
 """Prefill once, compress many: every method and budget decodes from one captured prefill per instance.
 
 For each instance the prompt is prefilled once with the full cache (`polykv.capture`); each (method, budget)
-compresses that capture (the same code as compression during prefill, so the kept sets are identical) and all of
-them decode together as one batch whose rows are the compressed caches (ragged layers padded with masked
-entries). Greedy decoding, so results are deterministic.
+compresses that capture (the same code as compression during prefill, so the kept sets are identical) and they
+decode together in a few batches whose rows are the compressed caches (ragged layers padded with masked entries;
+`batching.partition` picks the batches, finished rows leave early). Greedy decoding, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ class Job:
     settings: list[LayerSetting] | None
 
 
-def weight_tokens(model: torch.nn.Module, cap) -> float:
+def weight_tokens(model: torch.nn.Module, cache: PolyKVCache) -> float:
     """The weights' bytes in units of one layer-token of K+V: what one more decode batch costs per step."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    keys = cap.cache.layers[0].keys
+    keys = cache.layers[0].keys
     return weights / (2 * keys.shape[1] * keys.shape[3] * keys.element_size())
 
 
@@ -81,7 +81,7 @@ def evaluate_instance(
     max_new = inst.max_new_tokens or default_new_tokens
     widths = [[l.kept_tokens for l in c.layers] for c in compressed]
     rows: list[dict] = [{} for _ in jobs]
-    for batch in partition(widths, weight_tokens(model, cap), max_rows, max_tokens * cap.num_layers):
+    for batch in partition(widths, weight_tokens(model, cap.cache), max_rows, max_tokens * cap.num_layers):
         cache = stack([compressed[i] for i in batch], slack=max_new + prompt.length - first.shape[1])
         if mode == "query-aware":
             logits = cap.last_logits.expand(len(batch), -1)
