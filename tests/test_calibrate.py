@@ -186,9 +186,9 @@ def test_scaled_measure_adds_reference_rows_equal_to_e2e_and_solves_proxy_scaled
     got = refs.merge(full[full.metric == "e2e_kl"], on=key, suffixes=("", "_e2e"))
     assert len(got) == len(refs) and np.allclose(got.value, got.value_e2e, atol=1e-6)
     cal = load_calibration(out)
-    table = aggregate(cal.curves, cal.fingerprint, cal.model)
+    assert aggregate(cal.curves, cal.fingerprint, cal.model).metric == "proxy_anchored"  # the default
+    table = aggregate(cal.curves, cal.fingerprint, cal.model, metric="proxy_scaled")
     proxy = aggregate(cal.curves, cal.fingerprint, cal.model, metric="proxy_err")
-    assert table.metric == "proxy_scaled"
     for layer in range(3):
         kl = refs[refs.layer == layer].value.sum()
         err = curves[(curves.metric == "ref_proxy_err") & (curves.layer == layer)].value.sum()

@@ -1,7 +1,8 @@
 """Curves -> option table: one predicted loss per (layer, policy, budget), aggregated over calibration samples.
 
 Input rows are per sample; the solver needs one number per option. Rules:
-- metric: `e2e_kl` when present, else `proxy_scaled`, else `e2e_dnll`, else `proxy_err`, unless one is named; lower
+- metric: `e2e_kl` when present, else `proxy_anchored`, else `proxy_scaled`, else `e2e_dnll`, else `proxy_err`,
+  unless one is named; lower
   is better for all. `proxy_scaled` (from `calibrate --measure scaled`) is each layer's mean `proxy_err` curve times
   that layer's scale = sum of `ref_e2e_kl` / sum of `ref_proxy_err` over the reference options and samples: the proxy
   ranks the options within a layer, the e2e KL at the references says how much that layer's errors reach the output.
@@ -9,7 +10,9 @@ Input rows are per sample; the solver needs one number per option. Rules:
   `e2e_dnll` values were below zero (compressing one layer barely moves one answer's NLL, so the sign is noise)
   and a solver fed with them spent 16-token budgets on layers whose mean happened to be negative.
   `proxy_anchored` (calibrations with `uniform_e2e_kl` rows) further scales each policy's `proxy_scaled` curves so
-  that they sum over layers to the measured whole-model KL of that policy used uniformly (see `anchor_factors`).
+  that they sum over layers to the measured whole-model KL of that policy used uniformly (see `anchor_factors`);
+  it comes first because its plans beat `proxy_scaled`'s on 5 of 8 (model, budget) points of the held-out suite
+  and on average (BENCHMARKS.md, session 3), most where errors compound across layers (Qwen at 64-128).
 - whole-layer rows (`head` null) are used; if a table has only per-head rows, heads are averaged per layer first.
 - `full` rows are ignored: `full` keeps the whole context, it is not a budget option (see runner: pins).
 - statistic over samples: `mean` (default), or `quantile:Q` / `max` for a robust plan that guards the bad tail.
@@ -35,7 +38,7 @@ import pandas as pd
 from polykv.errors import CalibrationError
 from polykv.plan import CostModel
 
-METRIC_PREFERENCE = ("e2e_kl", "proxy_scaled", "proxy_anchored", "e2e_dnll", "proxy_err")
+METRIC_PREFERENCE = ("e2e_kl", "proxy_anchored", "proxy_scaled", "e2e_dnll", "proxy_err")
 #: metrics that are not curves of their own (rows at reference options only)
 REFERENCE_METRICS = ("ref_e2e_kl", "ref_proxy_err")
 #: whole-model rows (layer -1): e2e KL with every layer compressed by one option
