@@ -17,7 +17,7 @@ CAL_ARGS ?=
 PLAN_MODELS ?= smollm2-135m qwen2.5-coder-0.5b
 # the checked-in plans were calibrated on 16 shipped samples (2 per category, default `scaled` measure)
 
-.PHONY: install demo test test-fast calibrate solve plans eval bench bench-solve bench-gpu clean-cache
+.PHONY: install demo test test-fast calibrate solve plans eval bench bench-eval bench-solve bench-gpu clean-cache
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_run.py --threads $(THREADS)
+
+bench-eval: install
+	$(BIN)/python benchmarks/bench_eval.py --threads $(THREADS)
 
 bench-solve: install
 	$(BIN)/python benchmarks/bench_solve.py

@@ -11,9 +11,10 @@ Curve metrics: `proxy_err` (relative attention-output error, lower is better), `
 queries' attention mass kept, higher is better), `e2e_dnll` (rise in answer NLL, nats/token), `e2e_kl`
 (KL(full || compressed) per answer token), and with `--measure scaled` `ref_e2e_kl` / `ref_proxy_err`: e2e KL and
 proxy error at a few reference options only (see `polykv.calibrate.runner.REFERENCE_OPTIONS`), from which `solve`
-scales each layer's proxy curve (metric `proxy_scaled`), and `uniform_e2e_kl` on rows with layer -1: the e2e KL with
-EVERY layer compressed by one (policy, budget), budgets below the prompt length only, from which `solve` anchors
-each policy's scaled curves to whole-model measurements (metric `proxy_anchored`). Statistics metrics: see `polykv.calibrate.statistics`.
+scales each layer's proxy curve (metric `proxy_scaled`), and `uniform_e2e_kl` on rows with layer -1: the e2e KL
+with EVERY layer compressed by one (policy, budget), budgets below the prompt length only, from which `solve`
+anchors each policy's scaled curves to whole-model measurements (metric `proxy_anchored`). Statistics metrics: see
+`polykv.calibrate.statistics`.
 """
 
 from __future__ import annotations

@@ -127,12 +127,20 @@ def _batched_cache(sample: PreparedSample, layer: int, sets: list[Tensor]) -> Po
     return PolyKVCache(layers)
 
 
+def _answer_losses(sample: PreparedSample, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of (rows, m, V) teacher-forced answer logits: mean NLL of the targets, mean KL(full || row)."""
+    lp = torch.log_softmax(logits, dim=-1)
+    nll = -lp.gather(-1, sample.targets.expand(len(lp), -1)[..., None])[..., 0].mean(-1)
+    full_lp = sample.full_logprobs
+    kl = (full_lp.exp()[None] * (full_lp[None] - lp)).sum(-1).mean(-1)
+    return nll, kl
+
+
 @torch.no_grad()
 def e2e_losses(model: nn.Module, sample: PreparedSample, layer: int, options: list[Option], batch: int = 8
                ) -> list[tuple[float, float]]:
     """(NLL rise, KL to full) per option when only `layer` is compressed, in batches of `batch` kept sets."""
     unique, which = kept_sets(sample, layer, options)
-    full_lp = sample.full_logprobs
     results: list[tuple[float, float]] = []
     with polykv_attention(model):
         for start in range(0, len(unique), batch):
@@ -140,9 +148,7 @@ def e2e_losses(model: nn.Module, sample: PreparedSample, layer: int, options: li
             cache = _batched_cache(sample, layer, sets)
             inputs = sample.answer_in.expand(len(sets), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
-            lp = torch.log_softmax(logits, dim=-1)
-            nll = -lp.gather(-1, sample.targets.expand(len(sets), -1)[..., None])[..., 0].mean(-1)
-            kl = (full_lp.exp()[None] * (full_lp[None] - lp)).sum(-1).mean(-1)
+            nll, kl = _answer_losses(sample, logits)
             results.extend((float(n) - sample.full_nll, float(k)) for n, k in zip(nll, kl))
     return [results[w] for w in which]
 
@@ -154,7 +160,6 @@ def uniform_losses(model: nn.Module, sample: PreparedSample, options: list[Optio
     These whole-model anchors tell `solve` how per-layer losses (each measured with one layer compressed) add up
     when all layers are compressed at once, per policy and budget (metric `proxy_anchored`).
     """
-    full_lp = sample.full_logprobs
     layers = sample.capture.num_layers
     results: list[float] = []
     with polykv_attention(model):
@@ -163,7 +168,5 @@ def uniform_losses(model: nn.Module, sample: PreparedSample, options: list[Optio
             cache = stack([sample.capture.compress([o.setting] * layers) for o in group])
             inputs = sample.answer_in.expand(len(group), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
-            lp = torch.log_softmax(logits, dim=-1)
-            kl = (full_lp.exp()[None] * (full_lp[None] - lp)).sum(-1).mean(-1)
-            results.extend(float(k) for k in kl)
+            results.extend(float(k) for k in _answer_losses(sample, logits)[1])
     return results
