@@ -162,6 +162,7 @@ class PolyKVSide:
     def measure(self, cfg: Config, ids, budget: int, decode_tokens: int, keep: bool) -> None:
         torch = self.torch
         from polykv.apply import apply
+        from polykv.compat import output_cache, with_cache
         from polykv.generation import greedy
         from polykv.settings import uniform
 
@@ -173,12 +174,12 @@ class PolyKVSide:
                 t0 = time.perf_counter()
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 t1 = time.perf_counter()
-                cache = out.past_key_values
+                cache = output_cache(out)
                 token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
                 gen = [int(token)]
                 t2 = time.perf_counter()
                 for _ in range(decode_tokens - 1):
-                    logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1, :]
+                    logits = model(input_ids=token, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
                     token = logits.argmax(dim=-1, keepdim=True)
                     gen.append(int(token))
                 t3 = time.perf_counter()
@@ -193,7 +194,7 @@ class PolyKVSide:
                 with apply(model, settings):
                     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 t1 = time.perf_counter()
-                cache = out.past_key_values
+                cache = output_cache(out)
                 stats = cache.stats()
                 t2 = time.perf_counter()
                 tokens = greedy(model, cache, out.logits[:, -1, :], decode_tokens, None)
@@ -460,7 +461,7 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
         w("")
         w("Seconds for the whole prefill forward (`logits_to_keep=1`) including compression. Overhead = median over "
           "rounds of (policy ÷ plain prefill of the same library in the same round) − 1. Plain = transformers "
-          "DynamicCache, no compression (transformers 5.23 on the PolyKV side, 5.2 on the kvpress side).")
+          "DynamicCache, no compression (each side's transformers version is in the machine table above).")
         w("")
         w("| policy | PolyKV s | PolyKV overhead | kvpress s | kvpress overhead | load1 min–max / threads (PolyKV; kvpress) |")
         w("| --- | --- | --- | --- | --- | --- |")
