@@ -17,7 +17,7 @@ CAL_ARGS ?=
 PLAN_MODELS ?= smollm2-135m qwen2.5-coder-0.5b
 # the checked-in plans were calibrated on 16 shipped samples (2 per category, default `scaled` measure)
 
-.PHONY: install demo test test-fast calibrate solve plans eval bench bench-eval bench-solve bench-gpu clean-cache
+.PHONY: install demo test test-fast calibrate solve refine plans eval bench bench-eval bench-solve bench-gpu clean-cache
 
 install: $(VENV)/.installed
 
@@ -50,10 +50,18 @@ calibrate: install
 solve: install
 	$(BIN)/polykv solve --calibration $(CAL) --budgets $(BUDGETS) --out plans/$(MODEL)
 
-# Regenerate the checked-in plans of the bundled models from the shipped calibration set.
+# Refine the solved plans of $(MODEL) in place against the model's measured whole-model loss (polykv refine).
+REFINE_ARGS ?= --samples 12 --rounds 5 --budgets 128,256
+refine: install
+	$(BIN)/polykv refine --model $(MODEL) --plans plans/$(MODEL) --out plans/$(MODEL) $(REFINE_ARGS)
+
+# Regenerate the checked-in plans of the bundled models from the shipped calibration set; the models in
+# REFINE_MODELS then get `make refine` (only SmolLM2's middle budgets are refined: see BENCHMARKS.md, session 4).
+REFINE_MODELS ?= smollm2-135m
 plans: install
 	@for m in $(PLAN_MODELS); do \
 	  $(MAKE) --no-print-directory calibrate solve MODEL=$$m CAL_ARGS="--samples 16" || exit 1; done
+	@for m in $(REFINE_MODELS); do $(MAKE) --no-print-directory refine MODEL=$$m || exit 1; done
 
 eval: install
 	$(BIN)/polykv eval --model $(MODEL) --budgets $(BUDGETS) --out runs/$(MODEL)/eval --calibration $(CAL) $(EVAL_ARGS)

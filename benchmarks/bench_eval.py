@@ -3,8 +3,9 @@
 One shipped instance (default: passkey-000), the default methods (full, every uniform policy, pyramid, the
 checked-in plans) at budgets 64-512. Prints a Markdown section: machine, load, command, and the seconds of
   the capture (one full-cache prefill recording what every policy needs) and the compression of every configuration,
-  decoding all configurations with the engine's partition (`evaluate.batching.partition`), in one batch, and in one
-  batch per budget (median of --repeats),
+  decoding all configurations as one shared-prefix batch (the engine's path, `polykv.shared_prefix`), and as stacked
+  copies: with `evaluate.batching.partition` (the fallback), in one batch, in one batch per budget (median of
+  --repeats),
   one attention call of the ragged decode batch: grouped by KV head (the engine's path) vs sdpa after repeat_kv.
 Run: python benchmarks/bench_eval.py [--threads 2] [--repeats 2] [--task passkey]
 """
@@ -49,6 +50,7 @@ def main() -> None:
     from polykv.kernels.reference import masked_decode_attention
     from polykv.models import fingerprint, load_model
     from polykv.prompts import encode
+    from polykv.shared_prefix import shared_batch
 
     loaded = load_model("smollm2-135m")
     model, tok = loaded.model, loaded.tokenizer
@@ -81,14 +83,18 @@ def main() -> None:
         by_budget.setdefault(j.budget, []).append(i)
     chosen = partition(widths, weight_tokens(model, cap.cache), 64, 60_000 * cap.num_layers)
     decodes = {
-        f"engine partition ({'+'.join(str(len(g)) for g in chosen)} rows)": chosen,
+        f"partition ({'+'.join(str(len(g)) for g in chosen)} rows)": chosen,
         "one batch": [list(range(len(jobs)))],
         "one batch per budget": list(by_budget.values()),
         "batches of 16 by total width (the engine before session 3)": [
             order[i : i + 16] for order in [sorted(range(len(jobs)), key=lambda j: sum(widths[j]))]
             for i in range(0, len(jobs), 16)],
     }
-    t_decode = {name: timed(lambda g=groups: decode(g), args.repeats) for name, groups in decodes.items()}
+    t_decode = {"shared-prefix batch of all rows (the engine)": timed(
+        lambda: greedy(model, shared_batch(cap.cache, comp, new), cap.last_logits.expand(len(comp), -1), new, eos),
+        args.repeats)}
+    t_decode.update({f"stacked, {name}": timed(lambda g=groups: decode(g), args.repeats)
+                     for name, groups in decodes.items()})
 
     # one attention call of a ragged decode batch: 36 rows, SmolLM2's heads, ~700 keys, 20 % padding
     gen = torch.Generator().manual_seed(0)

@@ -20,12 +20,13 @@ def _instances(n=2):
                          "What is the code?", [str(700 + k)], "substring", 6) for k in range(n)]
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "stacked"])
 @pytest.mark.parametrize("mode", ["query-aware", "context-only"])
-def test_engine_equals_compressing_during_prefill(mode):
+def test_engine_equals_compressing_during_prefill(mode, shared):
     loaded = tiny_loaded()
     methods = parse_methods("full,uniform:snapkv,uniform:streaming,uniform:h2o,pyramid", None)
     for inst in _instances():
-        fast = evaluate_instance(loaded, inst, methods, [16, 48], mode=mode, max_rows=3)
+        fast = evaluate_instance(loaded, inst, methods, [16, 48], mode=mode, max_rows=3, shared_prefix=shared)
         slow, _ = reprefill_instance(loaded, inst, methods, [16, 48], mode=mode)
         assert len(fast.rows) == len(slow) == 1 + 4 * 2
         got = {(r["method"], r["budget"]): r["prediction"] for r in fast.rows}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from polykv_cli import calibrate_cmd, eval_cmd, plan_cmd, run_cmd, solve_cmd
+from polykv_cli import calibrate_cmd, eval_cmd, plan_cmd, refine_cmd, run_cmd, solve_cmd
 
 app = typer.Typer(
     name="polykv",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (run_cmd, calibrate_cmd, solve_cmd, plan_cmd, eval_cmd):
+for module in (run_cmd, calibrate_cmd, solve_cmd, refine_cmd, plan_cmd, eval_cmd):
     module.register(app)
 
 

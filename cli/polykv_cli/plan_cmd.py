@@ -70,6 +70,12 @@ def register(app: typer.Typer) -> None:
         out.print(f"average budget {plan.average_budget:g} tokens · used {plan.used_budget}/{plan.total_budget} "
                   f"{plan.budget_unit} · predicted loss {_loss(plan.predicted_loss)} · solver {prov.get('solver')} · "
                   f"polykv {prov.get('polykv_version')}", highlight=False, soft_wrap=True)
+        if "refine" in prov:
+            measured = prov["refine"].get("measured_loss") or []
+            if measured:
+                out.print(f"refined (polykv refine): measured KL {measured[0]:.4g} -> {measured[-1]:.4g} in "
+                          f"{prov['refine'].get('rounds')} rounds on {prov['refine'].get('samples')} samples",
+                          highlight=False, soft_wrap=True)
         top = max(lp.budget for lp in plan.layers)
         types = plan.fingerprint["layer_types"]
         table = Table(show_edge=False, pad_edge=False)

@@ -26,6 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from polykv import kernels
 from polykv.cache import PolyKVCache
 from polykv.compat import cache_in
+from polykv.shared_prefix import SharedPrefixCache, shared_prefix_attention
 
 CACHE_KWARG = "polykv_cache"
 BASES = ("sdpa", "eager")
@@ -46,6 +47,12 @@ def _make_wrapper(base: str) -> Callable:
         fn = _base_function(base, module)
         if not isinstance(cache, PolyKVCache):
             return fn(module, query, key, value, attention_mask, **kwargs)
+        if isinstance(cache, SharedPrefixCache):
+            if kwargs.get("s_aux") is not None:
+                raise NotImplementedError("attention sinks (s_aux) are not supported by a shared-prefix batch")
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            layer = cache.layers[module.layer_idx]
+            return shared_prefix_attention(layer, query, float(scaling), kwargs.get("softcap")), None
         layer = cache.layers[module.layer_idx]
         if layer.fresh:
             out = fn(module, query, key, value, attention_mask, **kwargs)

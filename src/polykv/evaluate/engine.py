@@ -2,8 +2,9 @@
 
 For each instance the prompt is prefilled once with the full cache (`polykv.capture`); each (method, budget)
 compresses that capture (the same code as compression during prefill, so the kept sets are identical) and they
-decode together in a few batches whose rows are the compressed caches (ragged layers padded with masked entries;
-`batching.partition` picks the batches, finished rows leave early). Greedy decoding, so results are deterministic.
+decode together as one shared-prefix batch (`polykv.shared_prefix`: the prompt's K/V stored once, each row a mask of
+its kept columns plus its own new tokens); finished rows leave early. Greedy decoding, so results are deterministic.
+A capture that cannot be shared falls back to stacked copies batched by `batching.partition`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from polykv.evaluate.tasks import TaskInstance, score
 from polykv.generation import decode_text, eos_ids, greedy
 from polykv.models import LoadedModel, fingerprint
 from polykv.prompts import encode
+from polykv.shared_prefix import shareable, shared_batch
 from polykv.settings import LayerSetting
 
 MODES = ("query-aware", "context-only")
@@ -63,8 +65,13 @@ def evaluate_instance(
     max_rows: int = 64,
     max_tokens: int = 60_000,
     default_new_tokens: int = 24,
+    shared_prefix: bool = True,
 ) -> InstanceResult:
-    """Score every (method, budget) on one instance from a single prefill."""
+    """Score every (method, budget) on one instance from a single prefill.
+
+    With `shared_prefix` (and a capture that allows it) the rows decode as masks over the one captured prefix
+    (`polykv.shared_prefix`); otherwise as stacked copies of their kept tokens, batched by `batching.partition`.
+    """
     model, tok = loaded.model, loaded.tokenizer
     fp = fingerprint(model.config)
     prompt = encode(tok, inst.context, inst.question, max_tokens=max_context)
@@ -81,8 +88,15 @@ def evaluate_instance(
     max_new = inst.max_new_tokens or default_new_tokens
     widths = [[l.kept_tokens for l in c.layers] for c in compressed]
     rows: list[dict] = [{} for _ in jobs]
-    for batch in partition(widths, weight_tokens(model, cap.cache), max_rows, max_tokens * cap.num_layers):
-        cache = stack([compressed[i] for i in batch], slack=max_new + prompt.length - first.shape[1])
+    slack = max_new + prompt.length - first.shape[1]
+    shared = shared_prefix and shareable(cap.cache)
+    if shared:  # rows are masks over one prefix: cost per row is small and alike, so batches are just max_rows
+        batches = [list(range(i, min(i + max_rows, len(jobs)))) for i in range(0, len(jobs), max_rows)]
+    else:
+        batches = partition(widths, weight_tokens(model, cap.cache), max_rows, max_tokens * cap.num_layers)
+    for batch in batches:
+        rows_in = [compressed[i] for i in batch]
+        cache = shared_batch(cap.cache, rows_in, slack) if shared else stack(rows_in, slack=slack)
         if mode == "query-aware":
             logits = cap.last_logits.expand(len(batch), -1)
         else:

@@ -65,7 +65,7 @@ class Method:
         return from_plan(self.plan_for(budget), n, fingerprint)
 
 
-def _plan_files(path: Path) -> list[tuple[int, str]]:
+def plan_files(path: Path) -> list[tuple[int, str]]:
     files = [path] if path.is_file() else sorted(path.glob("*.json"))
     found = []
     for f in files:
@@ -101,7 +101,7 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
             target = Path(path) if path else default_plans
             if target is None or not target.exists():
                 raise InputError(f"plan source {target} does not exist; pass {name}:PATH with a plan file or directory")
-            plans = _plan_files(target)
+            plans = plan_files(target)
             if not plans:
                 raise InputError(f"no plans with an integer average_budget in {target}")
             methods.append(Method(name, "plan", plans=tuple(plans), source=str(target)))

@@ -1,0 +1,88 @@
+"""`polykv refine`: solved plans -> plans refined against the model's measured whole-model loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from polykv_cli.common import err, fail, one_line_errors, out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @one_line_errors
+    def refine(
+        model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, hub id, local dir or .gguf path."),
+        plans: Optional[Path] = typer.Option(None, "--plans", "-p", help="Plan file or directory (default plans/<model>/)."),
+        out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for the refined plans (avg<budget>.json each)."),
+        budgets: Optional[str] = typer.Option(None, "--budgets", help="Only the plans at these average budgets, e.g. 128,256."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Calibration JSONL (default: the shipped set)."),
+        samples: int = typer.Option(8, "--samples", "-n", help="Calibration samples, taken round-robin across categories."),
+        rounds: int = typer.Option(6, "--rounds", help="At most this many rounds of moves per plan."),
+        min_gain: float = typer.Option(0.01, "--min-gain", help="Stop when a round lowers the loss by less (relative)."),
+        max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
+        device: Optional[str] = typer.Option(None, "--device"),
+        dtype: Optional[str] = typer.Option(None, "--dtype"),
+    ) -> None:
+        """Local search on each plan: single-layer moves measured with every layer compressed, kept if they help."""
+        from polykv.calibrate import default_data_path, select_samples
+        from polykv.calibrate.runner import budget_grid
+        from polykv.data import load_samples
+        from polykv.evaluate.methods import plan_files
+        from polykv.models import fingerprint, load_model
+        from polykv.plan import Plan
+        from polykv.policies import policy_names
+        from polykv.refine import prepare_samples, refine_plan
+
+        if samples < 1 or rounds < 1:
+            fail("--samples and --rounds must be at least 1")
+        source = plans or Path("plans") / model
+        if not source.exists():
+            fail(f"no plans at {source}; pass --plans with a plan file or a directory written by polykv solve")
+        found = plan_files(source)
+        if budgets:
+            try:
+                wanted = {int(b) for b in budgets.split(",") if b.strip()}
+            except ValueError:
+                fail(f"--budgets {budgets!r} must be a comma list of integers, e.g. 128,256")
+            missing = sorted(wanted - {b for b, _ in found})
+            if missing:
+                fail(f"no plan in {source} at average budget {', '.join(map(str, missing))}; have "
+                     f"{', '.join(str(b) for b, _ in found) or 'none'}")
+            found = [(b, p) for b, p in found if b in wanted]
+        if not found:
+            fail(f"no plans with an integer average_budget in {source}")
+        path = data or default_data_path()
+        items = select_samples(load_samples(path), samples)
+        loaded = load_model(model, device=device, dtype=dtype)
+        fp = fingerprint(loaded.model.config)
+        source_plans = [(b, Plan.load(p)) for b, p in found]
+        for _, plan in source_plans:
+            plan.check_model(fp)
+        err.print(f"preparing {len(items)} calibration samples from {path}")
+        prepared = prepare_samples(loaded, items, max_context)
+        grid = budget_grid(max_context, None)
+        policies = [p for p in policy_names() if p != "full"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("avg", "loss before", "after", "rounds", "layers changed", "seconds"):
+            table.add_column(col, justify="right")
+        written = []
+        for budget, plan in source_plans:
+            result = refine_plan(loaded.model, prepared, plan, grid, policies, rounds, min_gain,
+                                 log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+            target = out_dir / f"avg{budget}.json"
+            result.plan.save(target)
+            written.append(target)
+            changed = sum(a.policy != b.policy or a.budget != b.budget for a, b in zip(plan.layers, result.plan.layers))
+            table.add_row(str(budget), f"{result.losses[0]:.4f}", f"{result.losses[-1]:.4f}", str(len(result.moves)),
+                          str(changed), f"{result.seconds:.0f}")
+        out.print(f"[bold]{loaded.name}[/] · {len(prepared)} samples · objective: mean KL(full || plan) on answers",
+                  highlight=False, soft_wrap=True)
+        out.print(table)
+        for target in written:
+            out.print(str(target), highlight=False, markup=False, soft_wrap=True)
