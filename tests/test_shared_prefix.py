@@ -12,7 +12,7 @@ from polykv.capture import capture
 from polykv.compat import with_cache
 from polykv.policies import make_policy
 from polykv.settings import LayerSetting
-from polykv.shared_prefix import shareable, shared_batch
+from polykv.shared_prefix import has_sinks, shareable, shared_batch
 
 
 def _settings(layers: int, policy: str, budget: int) -> list[LayerSetting | None]:
@@ -61,3 +61,12 @@ def test_padded_or_compressed_caches_are_not_shared():
     assert not shareable(compressed)
     with pytest.raises(ValueError, match="use polykv.cache.stack"):
         shared_batch(compressed, [compressed], slack=1)
+
+
+def test_models_with_attention_sinks_are_detected():
+    """gpt-oss-style sinks (`s_aux`) are not implemented by the shared-prefix path: the engine must fall back."""
+    model = TINY["llama"]()
+    assert not has_sinks(model)
+    attn = model.model.layers[0].self_attn
+    attn.sinks = torch.nn.Parameter(torch.zeros(model.config.num_attention_heads))
+    assert has_sinks(model)

@@ -104,6 +104,12 @@ def shareable(full: PolyKVCache) -> bool:
     return True
 
 
+def has_sinks(model) -> bool:
+    """Whether any attention module has learned attention sinks (gpt-oss's `sinks`, passed as `s_aux`), which the
+    shared-prefix attention does not implement: such models decode from stacked copies instead."""
+    return any(getattr(m, "sinks", None) is not None for m in model.modules())
+
+
 def shared_batch(full: PolyKVCache, rows: list[PolyKVCache], slack: int) -> SharedPrefixCache:
     """One batch of `rows` (single-row compressions of `full`, e.g. from `Capture.compress`) over `full`'s prefix."""
     kept = []

@@ -25,7 +25,7 @@ from polykv.evaluate.tasks import TaskInstance, score
 from polykv.generation import decode_text, eos_ids, greedy
 from polykv.models import LoadedModel, fingerprint
 from polykv.prompts import encode
-from polykv.shared_prefix import shareable, shared_batch
+from polykv.shared_prefix import has_sinks, shareable, shared_batch
 from polykv.settings import LayerSetting
 
 MODES = ("query-aware", "context-only")
@@ -69,8 +69,9 @@ def evaluate_instance(
 ) -> InstanceResult:
     """Score every (method, budget) on one instance from a single prefill.
 
-    With `shared_prefix` (and a capture that allows it) the rows decode as masks over the one captured prefix
-    (`polykv.shared_prefix`); otherwise as stacked copies of their kept tokens, batched by `batching.partition`.
+    With `shared_prefix` (and a capture and model that allow it: one unpadded prompt, no attention sinks) the rows
+    decode as masks over the one captured prefix (`polykv.shared_prefix`); otherwise as stacked copies of their
+    kept tokens, batched by `batching.partition`.
     """
     model, tok = loaded.model, loaded.tokenizer
     fp = fingerprint(model.config)
@@ -89,7 +90,7 @@ def evaluate_instance(
     widths = [[l.kept_tokens for l in c.layers] for c in compressed]
     rows: list[dict] = [{} for _ in jobs]
     slack = max_new + prompt.length - first.shape[1]
-    shared = shared_prefix and shareable(cap.cache)
+    shared = shared_prefix and shareable(cap.cache) and not has_sinks(model)
     if shared:  # rows are masks over one prefix: cost per row is small and alike, so batches are just max_rows
         batches = [list(range(i, min(i + max_rows, len(jobs)))) for i in range(0, len(jobs), max_rows)]
     else:
