@@ -54,11 +54,8 @@ class SharedPrefixLayer(CacheLayerMixin):
         """Append the rows' new tokens; returns only the new-token part (the prefix is read from the layer)."""
         n, m = self.new, key_states.shape[2]
         if n + m > self._key_buf.shape[2]:
-            grow = max(64, n + m)
-            self._key_buf = torch.cat([self._key_buf[:, :, :n], key_states.new_empty(*key_states.shape[:2], grow,
-                                                                                      key_states.shape[3])], dim=2)
-            self._value_buf = torch.cat([self._value_buf[:, :, :n], value_states.new_empty(
-                *value_states.shape[:2], grow, value_states.shape[3])], dim=2)
+            size = n + m + max(64, n + m)
+            self._key_buf, self._value_buf = _grown(self._key_buf, n, size), _grown(self._value_buf, n, size)
         self._key_buf[:, :, n : n + m] = key_states
         self._value_buf[:, :, n : n + m] = value_states
         self.new = n + m
@@ -81,6 +78,13 @@ class SharedPrefixLayer(CacheLayerMixin):
         self._key_buf = self._key_buf.index_select(0, idx)
         self._value_buf = self._value_buf.index_select(0, idx)
         self.keys, self.values = self._key_buf[:, :, : self.new], self._value_buf[:, :, : self.new]
+
+
+def _grown(buf: Tensor, filled: int, size: int) -> Tensor:
+    """A (B, H, size, D) buffer holding `buf`'s first `filled` entries along the sequence."""
+    out = buf.new_empty(*buf.shape[:2], size, buf.shape[3])
+    out[:, :, :filled] = buf[:, :, :filled]
+    return out
 
 
 class SharedPrefixCache(PolyKVCache):
