@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         budgets: Optional[str] = typer.Option(None, "--budgets", help="Only the plans at these average budgets, e.g. 128,256."),
         data: Optional[Path] = typer.Option(None, "--data", help="Calibration JSONL (default: the shipped set)."),
         samples: int = typer.Option(8, "--samples", "-n", help="Calibration samples, taken round-robin across categories."),
-        rounds: int = typer.Option(6, "--rounds", help="At most this many rounds of moves per plan."),
+        rounds: int = typer.Option(5, "--rounds", help="At most this many rounds of moves per plan (more overfit: BENCHMARKS.md)."),
         min_gain: float = typer.Option(0.01, "--min-gain", help="Stop when a round lowers the loss by less (relative)."),
         max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
         device: Optional[str] = typer.Option(None, "--device"),

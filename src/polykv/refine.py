@@ -103,7 +103,7 @@ def refine_plan(
     plan: Plan,
     grid: list[int],
     policies: list[str],
-    rounds: int = 6,
+    rounds: int = 5,
     min_gain: float = 0.01,
     max_rows: int = 48,
     log: Callable[[str], None] | None = None,
