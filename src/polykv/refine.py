@@ -135,12 +135,18 @@ def refine_plan(
         combo = [options[l][k] for l, k in enumerate(picks)]
         used = sum(cm.cost(l, c[1]) for l, c in enumerate(current))
         fits = [i for i, (l, c) in enumerate(moves) if used - cm.cost(l, current[l][1]) + cm.cost(l, c[1]) <= capacity]
-        single = trial[min(fits, key=lambda i: delta[i])] if fits else current
-        finalists = [p for p in (combo, single) if p != current]
+        finalists, measured_list = [], []
+        if fits:  # the best single move that fits was measured with the others: no second forward
+            i = min(fits, key=lambda i: delta[i])
+            finalists.append(trial[i])
+            measured_list.append(loss + float(delta[i]))
+        if combo != current and combo not in finalists:
+            finalists.append(combo)
+            measured_list.append(float(objective([combo])[0]))
         if not finalists:
             say(f"round {round_ + 1}: no move lowers the predicted loss; stop")
             break
-        measured = objective(finalists)
+        measured = np.array(measured_list)
         best = int(np.argmin(measured))
         if measured[best] > loss * (1 - min_gain):
             say(f"round {round_ + 1}: best candidate {measured[best]:.4f} vs {loss:.4f}; stop")
