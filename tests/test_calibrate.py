@@ -125,11 +125,14 @@ def test_bad_data_and_options_are_clear_errors(tmp_path):
 def test_select_samples_round_robin_across_categories():
     from types import SimpleNamespace
 
-    from polykv.calibrate import select_samples
+    from polykv.calibrate import round_robin, select_samples
 
     items = [SimpleNamespace(id=f"{c}{i}", category=c) for c in "abc" for i in range(3)]
     assert [s.id for s in select_samples(items, 4)] == ["a0", "b0", "c0", "a1"]
     assert select_samples(items, None) == items and select_samples(items, 99) == items
+    order = round_robin(items)  # refine's search + held-out split: the search set is what calibrate took
+    assert sorted(s.id for s in order) == sorted(s.id for s in items)
+    assert order[:4] == select_samples(items, 4) and order != items  # all 9: still round-robin
 
 
 def test_proxy_equals_its_dense_definition():

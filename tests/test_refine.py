@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -76,6 +78,94 @@ def test_refine_never_raises_the_measured_loss_and_stays_within_budget(setup):
     assert plan.predicted_loss is None  # the solver's prediction no longer describes these layers
 
 
+def test_held_out_samples_equal_to_the_search_samples_change_nothing(setup):
+    """Held-out loss that tracks the search loss falls with every accepted round: the same search, same plan."""
+    loaded, samples = setup
+    start = uniform_plan("tiny", fingerprint(loaded.model.config), "streaming", 16)
+    plain = refine_plan(loaded.model, samples, start, GRID, POLICIES, rounds=2, min_gain=0.0)
+    checked = refine_plan(loaded.model, samples, start, GRID, POLICIES, rounds=2, min_gain=0.0, held_out=samples)
+    assert checked.plan.layers == plain.plan.layers and len(checked.moves) == len(plain.moves) >= 1
+    assert checked.held_out == pytest.approx(checked.losses, rel=1e-4) and not checked.rejected
+    assert checked.plan.provenance["refine"]["held_out"]["samples"] == len(samples)
+
+
+class Scripted:
+    """Stands in for `Objective`: per-sample losses from `search(plan)`, held-out losses from `judge(plan)`."""
+
+    def __init__(self, search, judge, held_out):
+        self.search, self.judge, self.held_out = search, judge, held_out
+
+    def __call__(self, model, which, max_rows=48):
+        scripted = self
+
+        class One:
+            evaluated = 0
+
+            def per_sample(self, plans):
+                return np.stack([scripted.search(p) for p in plans], axis=1)
+
+            def __call__(self, plans):
+                if which is scripted.held_out:
+                    return np.array([scripted.judge(p) for p in plans])
+                return self.per_sample(plans).mean(0)
+
+        return One()
+
+
+def _cost(plan):  # a tie-breaker: every budget step away from 16 costs a little
+    return 0.001 * sum(b != 16 for _, b in plan)
+
+
+def test_a_round_that_does_not_lower_the_held_out_loss_is_turned_down_and_the_search_stops(setup, monkeypatch):
+    loaded, samples = setup
+    held_out = [object()]
+    judged = iter([1.0, 0.8])  # the start, then round 1's finalist; every later finalist is judged 0.9
+    # the search loss falls every round: snapkv everywhere, and 2 more tokens for layer 0 per round
+    scripted = Scripted(lambda plan: np.full(3, sum(p != "snapkv" for p, _ in plan) + 1 - 0.01 * plan[0][1]),
+                        lambda plan: next(judged, 0.9), held_out)
+    monkeypatch.setattr("polykv.refine.Objective", scripted)
+    start = uniform_plan("tiny", fingerprint(loaded.model.config), "streaming", 16)
+    fine = list(range(2, 66, 2))
+    assert refine_plan(loaded.model, samples, start, fine, POLICIES, rounds=3, min_gain=0.0).losses == pytest.approx(
+        [3.84, 0.84, 0.82, 0.80])  # without held-out samples: three rounds (policies first, then budgets)
+    judged = iter([1.0, 0.8])
+    result = refine_plan(loaded.model, samples, start, fine, POLICIES, rounds=5, min_gain=0.0, held_out=held_out)
+    assert result.held_out == [1.0, 0.8] and len(result.moves) == 1
+    assert result.rejected and all(r[0] == 2 and r[2] == 0.9 for r in result.rejected)  # round 2: turned down
+    kept = [(l.policy, l.budget) for l in result.plan.layers]
+    assert scripted.search(kept).mean() == result.losses[1]  # round 1's plan
+    refine = result.plan.provenance["refine"]
+    assert refine["rounds"] == 1 and refine["held_out"]["loss"] == [1.0, 0.8]
+    assert len(refine["held_out"]["rejected"]) == len(result.rejected)
+    assert result.plan.predicted_loss is None  # layers changed: the solver's prediction no longer applies
+    solved = replace(start, predicted_loss=0.5)
+    stuck = refine_plan(loaded.model, samples, solved, fine, POLICIES, rounds=5, min_gain=0.0, held_out=held_out)
+    assert not stuck.moves and stuck.plan.layers == start.layers  # every finalist judged 0.9, start 0.9: no move
+    assert stuck.plan.predicted_loss == 0.5 and stuck.plan.provenance["refine"]["rounds"] == 0
+
+
+def test_caution_keeps_a_move_that_helps_one_sample_only_out_of_the_plan(setup, monkeypatch):
+    """Layer 0 on snapkv helps sample 0 by 3 and hurts the two others by 0.5 (mean -0.67, standard error 1.17);
+    layer 1 on h2o helps every sample by 0.3. With caution the lopsided move is left out; without, it is taken."""
+    loaded, samples = setup
+
+    def search(plan):
+        loss = np.full(3, 1.0 + _cost(plan))
+        if plan[0][0] == "snapkv":
+            loss += np.array([-3.0, 0.5, 0.5])
+        if plan[1][0] == "h2o":
+            loss -= 0.3
+        return loss
+
+    monkeypatch.setattr("polykv.refine.Objective", Scripted(search, None, None))
+    start = uniform_plan("tiny", fingerprint(loaded.model.config), "streaming", 16)
+    bold = refine_plan(loaded.model, samples, start, GRID, POLICIES, rounds=1, min_gain=0.0, caution=0.0).plan
+    careful = refine_plan(loaded.model, samples, start, GRID, POLICIES, rounds=1, min_gain=0.0, caution=1.0).plan
+    assert (bold.layers[0].policy, bold.layers[1].policy) == ("snapkv", "h2o")
+    assert (careful.layers[0].policy, careful.layers[1].policy) == ("streaming", "h2o")
+    assert careful.provenance["refine"]["caution"] == 1.0
+
+
 @pytest.mark.bundled
 def test_refine_cli_on_bundled_model(tmp_path, monkeypatch):
     """`polykv refine` on SmolLM2 with one sample and one round: a valid plan for the same budget, a table, and
@@ -86,11 +176,16 @@ def test_refine_cli_on_bundled_model(tmp_path, monkeypatch):
     runner = CliRunner()
     bad = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--budgets", "300", "--out", str(tmp_path / "r")])
     assert bad.exit_code == 2 and "no plan in" in bad.output and "512" in bad.output
-    res = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--samples", "1", "--rounds", "1",
-                              "--out", str(tmp_path / "r"), "--data", str(root / "calibration_data" / "default.jsonl")])
+    data = str(root / "calibration_data" / "default.jsonl")
+    many = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--samples", "30", "--holdout", "8",
+                               "--out", str(tmp_path / "r"), "--data", data])
+    assert many.exit_code == 2 and "holds 32 samples" in many.output and not (tmp_path / "r").exists()
+    res = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--samples", "1", "--holdout", "1", "--rounds", "1",
+                              "--out", str(tmp_path / "r"), "--data", data])
     assert res.exit_code == 0, res.output
     plan = Plan.load(tmp_path / "r" / "avg512.json")
     assert plan.average_budget == 512 and plan.used_budget <= plan.total_budget
-    assert plan.provenance["refine"]["samples"] == 1 and "loss before" in res.output
+    assert plan.provenance["refine"]["samples"] == 1 and "held-out" in res.output and "1 held out" in res.output
+    assert plan.provenance["refine"]["held_out"]["samples"] == 1
     shown = runner.invoke(app, ["plan", "show", str(tmp_path / "r" / "avg512.json")])
-    assert shown.exit_code == 0 and "refined (polykv refine)" in shown.output
+    assert shown.exit_code == 0 and "refined (polykv refine)" in shown.output and "held-out KL" in shown.output

@@ -72,10 +72,15 @@ def register(app: typer.Typer) -> None:
                   f"polykv {prov.get('polykv_version')}", highlight=False, soft_wrap=True)
         if "refine" in prov:
             measured = prov["refine"].get("measured_loss") or []
+            held = prov["refine"].get("held_out") or {}
+            rounds = prov["refine"].get("rounds")
             if measured:
-                out.print(f"refined (polykv refine): measured KL {measured[0]:.4g} -> {measured[-1]:.4g} in "
-                          f"{prov['refine'].get('rounds')} rounds on {prov['refine'].get('samples')} samples",
-                          highlight=False, soft_wrap=True)
+                text = (f"refined (polykv refine): measured KL {measured[0]:.4g} -> {measured[-1]:.4g} in "
+                        f"{rounds} rounds on {prov['refine'].get('samples')} samples")
+                if held.get("loss"):
+                    text += (f"; held-out KL {held['loss'][0]:.4g} -> {held['loss'][-1]:.4g} on "
+                             f"{held.get('samples')} samples ({len(held.get('rejected') or [])} finalists turned down)")
+                out.print(text, highlight=False, soft_wrap=True)
         top = max(lp.budget for lp in plan.layers)
         types = plan.fingerprint["layer_types"]
         table = Table(show_edge=False, pad_edge=False)

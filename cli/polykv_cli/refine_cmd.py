@@ -21,15 +21,17 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for the refined plans (avg<budget>.json each)."),
         budgets: Optional[str] = typer.Option(None, "--budgets", help="Only the plans at these average budgets, e.g. 128,256."),
         data: Optional[Path] = typer.Option(None, "--data", help="Calibration JSONL (default: the shipped set)."),
-        samples: int = typer.Option(8, "--samples", "-n", help="Calibration samples, taken round-robin across categories."),
-        rounds: int = typer.Option(5, "--rounds", help="At most this many rounds of moves per plan (more overfit: BENCHMARKS.md)."),
+        samples: int = typer.Option(16, "--samples", "-n", help="Calibration samples the moves are measured on, taken round-robin across categories."),
+        holdout: Optional[int] = typer.Option(None, "--holdout", help="Further samples (the next round-robin ones) that only judge each round: a round is accepted only if it also lowers their loss. Default: the samples left after --samples, at most 8. 0: none."),
+        rounds: int = typer.Option(8, "--rounds", help="At most this many rounds of moves per plan."),
+        caution: float = typer.Option(1.0, "--caution", help="Rank moves by mean change + this many standard errors over the samples (0: the mean alone)."),
         min_gain: float = typer.Option(0.01, "--min-gain", help="Stop when a round lowers the loss by less (relative)."),
         max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
         device: Optional[str] = typer.Option(None, "--device"),
         dtype: Optional[str] = typer.Option(None, "--dtype"),
     ) -> None:
         """Local search on each plan: single-layer moves measured with every layer compressed, kept if they help."""
-        from polykv.calibrate import default_data_path, select_samples
+        from polykv.calibrate import default_data_path, round_robin
         from polykv.calibrate.runner import budget_grid
         from polykv.data import load_samples
         from polykv.evaluate.methods import plan_files
@@ -38,8 +40,8 @@ def register(app: typer.Typer) -> None:
         from polykv.policies import policy_names
         from polykv.refine import prepare_samples, refine_plan
 
-        if samples < 1 or rounds < 1:
-            fail("--samples and --rounds must be at least 1")
+        if samples < 1 or rounds < 1 or (holdout or 0) < 0 or caution < 0:
+            fail("--samples and --rounds must be at least 1, --holdout and --caution at least 0")
         source = plans or Path("plans") / model
         if not source.exists():
             fail(f"no plans at {source}; pass --plans with a plan file or a directory written by polykv solve")
@@ -57,31 +59,43 @@ def register(app: typer.Typer) -> None:
         if not found:
             fail(f"no plans with an integer average_budget in {source}")
         path = data or default_data_path()
-        items = select_samples(load_samples(path), samples)
+        available = load_samples(path)
+        if holdout is None:
+            holdout = max(0, min(8, len(available) - samples))
+        if samples + holdout > len(available):
+            fail(f"{path} holds {len(available)} samples; --samples {samples} plus --holdout {holdout} need "
+                 f"{samples + holdout}: lower them or pass --data with more")
+        items = round_robin(available)[: samples + holdout]  # the first --samples are those calibrate takes
         loaded = load_model(model, device=device, dtype=dtype)
         fp = fingerprint(loaded.model.config)
         source_plans = [(b, Plan.load(p)) for b, p in found]
         for _, plan in source_plans:
             plan.check_model(fp)
-        err.print(f"preparing {len(items)} calibration samples from {path}")
+        err.print(f"preparing {len(items)} calibration samples from {path} ({samples} to search, {holdout} held out)")
         prepared = prepare_samples(loaded, items, max_context)
+        prepared, held_out = prepared[:samples], prepared[samples:]
         grid = budget_grid(max_context, None)
         policies = [p for p in policy_names() if p != "full"]
         out_dir.mkdir(parents=True, exist_ok=True)
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ("avg", "loss before", "after", "rounds", "layers changed", "seconds"):
+        columns = ["avg", "loss before", "after", "rounds"]
+        columns += ["held-out before", "after"] if held_out else []
+        for col in columns + ["layers changed", "seconds"]:
             table.add_column(col, justify="right")
         written = []
         for budget, plan in source_plans:
             result = refine_plan(loaded.model, prepared, plan, grid, policies, rounds, min_gain,
-                                 log=lambda m: err.print(m, highlight=False, soft_wrap=True))
+                                 log=lambda m: err.print(m, highlight=False, soft_wrap=True), held_out=held_out,
+                                 caution=caution)
             target = out_dir / f"avg{budget}.json"
             result.plan.save(target)
             written.append(target)
             changed = sum(a.policy != b.policy or a.budget != b.budget for a, b in zip(plan.layers, result.plan.layers))
-            table.add_row(str(budget), f"{result.losses[0]:.4f}", f"{result.losses[-1]:.4f}", str(len(result.moves)),
-                          str(changed), f"{result.seconds:.0f}")
-        out.print(f"[bold]{loaded.name}[/] · {len(prepared)} samples · objective: mean KL(full || plan) on answers",
+            row = [str(budget), f"{result.losses[0]:.4f}", f"{result.losses[-1]:.4f}", str(len(result.moves))]
+            row += [f"{result.held_out[0]:.4f}", f"{result.held_out[-1]:.4f}"] if held_out else []
+            table.add_row(*row, str(changed), f"{result.seconds:.0f}")
+        out.print(f"[bold]{loaded.name}[/] · {len(prepared)} samples, {len(held_out)} held out · objective: mean "
+                  "KL(full || plan) on answers",
                   highlight=False, soft_wrap=True)
         out.print(table)
         for target in written:

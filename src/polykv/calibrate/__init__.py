@@ -14,23 +14,21 @@ def default_data_path() -> Path:
     return REPO_ROOT / "calibration_data" / "default.jsonl"
 
 
-def select_samples(samples: list, n: int | None) -> list:
-    """The first `n` samples taken round-robin across categories (file order within each), so that a small
-    calibration still covers every category; all samples when n is None."""
-    if n is None or n >= len(samples):
-        return list(samples)
+def round_robin(samples: list) -> list:
+    """All samples, one per category in turn (file order within each category)."""
     by_cat: dict[str, list] = {}
     for s in samples:
         by_cat.setdefault(s.category, []).append(s)
     queues = list(by_cat.values())
-    out: list = []
-    depth = 0
-    while len(out) < n:
-        for q in queues:
-            if depth < len(q) and len(out) < n:
-                out.append(q[depth])
-        depth += 1
-    return out
+    return [q[depth] for depth in range(max(map(len, queues), default=0)) for q in queues if depth < len(q)]
 
 
-__all__ = ["select_samples", "CalibrationConfig", "calibrate", "finish", "default_data_path"]
+def select_samples(samples: list, n: int | None) -> list:
+    """The first `n` samples taken round-robin across categories (file order within each), so that a small
+    calibration still covers every category; all samples, in file order, when n is None or covers them all."""
+    if n is None or n >= len(samples):
+        return list(samples)
+    return round_robin(samples)[:n]
+
+
+__all__ = ["round_robin", "select_samples", "CalibrationConfig", "calibrate", "finish", "default_data_path"]

@@ -107,7 +107,7 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
             methods.append(Method(name, "plan", plans=tuple(plans), source=str(target)))
         else:
             raise InputError(f"unknown method {item!r}; use full, uniform:<policy>, uniform:*, pyramid, plan:<path> or "
-                             "plan-<name>:<path>")
+                             "plan-<name>:<path> (name: letters, digits, _ and .)")
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise InputError(f"a method is listed twice in {spec!r}")
