@@ -20,7 +20,23 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
-class PolyKVLayer(CacheLayerMixin):
+class SeenColumnsLayer(CacheLayerMixin):
+    """A transformers cache layer whose positions and mask sizes follow `seen` (every column the model has been fed,
+    kept or not), however few entries it holds: eviction must not shift positions."""
+
+    seen: int
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PolyKVLayer(SeenColumnsLayer):
     """One layer's kept keys/values (B, Hkv, N, D) with their columns (B, Hkv, N) and optional entry validity."""
 
     is_compileable = False
@@ -91,15 +107,6 @@ class PolyKVLayer(CacheLayerMixin):
             self.entry_valid = entry_valid if self.entry_valid is None else self.entry_valid & entry_valid
         self.uniform_heads = bool((indices == indices[:, :1]).all())
         self.compressed = True
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     @property
     def kept_tokens(self) -> int:

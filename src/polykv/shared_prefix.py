@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import CacheLayerMixin
-
-from polykv.cache import PolyKVCache
+from polykv.cache import PolyKVCache, SeenColumnsLayer
 
 
-class SharedPrefixLayer(CacheLayerMixin):
+class SharedPrefixLayer(SeenColumnsLayer):
     """One layer: the shared prefix (Hkv, T, D), each row's kept-column bias (B, Hkv, T), each row's new tokens."""
 
     is_compileable = False
@@ -61,15 +59,6 @@ class SharedPrefixLayer(CacheLayerMixin):
         self.new = n + m
         self.keys, self.values = self._key_buf[:, :, : self.new], self._value_buf[:, :, : self.new]
         return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep/reorder rows: the masks and new tokens move, the shared prefix does not."""
