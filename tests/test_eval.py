@@ -110,6 +110,9 @@ def test_gap_recovery_arithmetic():
     rows = [r for r in rows if not (r["method"] == "full")] + [
         {"task": t, "method": "full", "budget": None, "score": 80.0 + (10 if t == "b" else 0), "instance_id": t} for t in "ab"]
     assert summary(pd.DataFrame(rows), "m")["budgets"]["128"]["gap_recovery"] is None
+    # a uniform policy above the full cache (sampling noise) leaves no gap either: null, not a flipped ratio
+    rows = [dict(r, score=r["score"] + 3) if (r["method"], r["budget"]) == ("uniform:x", 128) else r for r in rows]
+    assert summary(pd.DataFrame(rows), "m")["budgets"]["128"]["gap_recovery"] is None
 
 
 def test_unknown_method_is_a_clear_error():

@@ -43,6 +43,10 @@ def ref_scores(name: str, probs: torch.Tensor, keys: torch.Tensor, params: dict)
                 win = [raw[x] for x in range(j - k // 2, j + k // 2 + 1) if 0 <= x < T]
                 pooled.append(sum(win) / len(win))
             s = [math.inf if j >= T - w else pooled[j] for j in range(T)]
+        elif name == "snapkv_forward":
+            w, span = params.get("window", 32), params.get("span", make_policy("snapkv_forward").span)
+            raw = [sum(float(probs[q, i, j]) for q in heads for i in range(T - w, T)) for j in range(T)]
+            s = [math.inf if j >= T - w else max(raw[max(0, j - span + 1) : j + 1]) for j in range(T)]
         elif name == "h2o":
             recent = int(BUDGET * params.get("recent_fraction", 0.5))
             s = [sum(float(probs[q, i, j]) for q in heads for i in range(T)) for j in range(T)]
@@ -71,7 +75,8 @@ def assert_top_k(kept: list[int], scores: list[float], budget: int, tol: float =
 
 @pytest.mark.parametrize(
     "name,params",
-    [("snapkv", {"window": 8}), ("snapkv", {"window": 4, "kernel": 3}), ("h2o", {}), ("tova", {}), ("knorm", {}),
+    [("snapkv", {"window": 8}), ("snapkv", {"window": 4, "kernel": 3}), ("snapkv_forward", {"window": 8}),
+     ("snapkv_forward", {"window": 4, "span": 3}), ("h2o", {}), ("tova", {}), ("knorm", {}),
      ("streaming", {}), ("streaming", {"sinks": 2})],
 )
 def test_kept_set_matches_brute_force(reference_run, name, params):
@@ -131,7 +136,8 @@ def test_unknown_policy_and_parameter_are_clear_errors():
 
 
 def test_registry_names():
-    assert policy_names() == ["full", "streaming", "snapkv", "h2o", "tova", "knorm", "random", "expected_attention"]
+    assert policy_names() == ["full", "streaming", "snapkv", "h2o", "tova", "knorm", "random", "expected_attention",
+                              "snapkv_forward"]
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -154,3 +160,22 @@ def test_cumulative_attention_matches_dense_softmax_across_chunks_and_padding(so
     got = cumulative_attention(q, k, 0.3, valid, softcap, chunk=8)  # 5 chunks, the last one ragged
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
     assert got[1, :, :5].abs().max() == 0  # padding receives no attention
+
+
+def test_snapkv_forward_keeps_what_follows_an_attended_token():
+    """One attended token brings the next span - 1 with it; SnapKV's centred pooling would keep 2 before it."""
+    from polykv.policies.snapkv_forward import forward_max
+
+    scores = torch.zeros(1, 1, 12)
+    scores[0, 0, 3] = 1.0
+    out = forward_max(scores, 4)
+    assert out[0, 0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert torch.equal(forward_max(scores, 1), scores)
+
+
+def test_snapkv_forward_rejects_bad_span():
+    from polykv.errors import InputError
+    from polykv.settings import uniform
+
+    with pytest.raises(InputError, match="span >= 1"):
+        uniform("snapkv_forward", 8, 3, {"span": 0})

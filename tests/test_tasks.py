@@ -207,3 +207,24 @@ def test_builders_are_deterministic_and_valid(tmp_path: Path):
         assert (a / f"{name}.jsonl").read_bytes() == (b / f"{name}.jsonl").read_bytes()
         instances, warnings = load_tasks(a / f"{name}.jsonl")
         assert len(instances) == 2 and not warnings
+
+
+def test_development_split_uses_the_calibration_sources(tmp_path: Path):
+    """`--partition calibration` draws the same tasks from other texts: no context shares a source passage."""
+    from polykv.evaluate.suite import build
+    from polykv.evaluate.suite.sources import DOC_DIR, LICENSE_DIR
+
+    if not LICENSE_DIR.is_dir() or not any(DOC_DIR.glob("*/changelog.Debian.gz")):
+        pytest.skip("no Debian license texts or changelogs on this machine (the builders need them)")
+    dev, test = tmp_path / "dev", tmp_path / "test"
+    assert build.main(["--out", str(dev), "--n", "2", "--partition", "calibration", "--tasks", "passkey",
+                       "code_completion"]) == 0
+    build.build_suite(test, n=2, tasks=["passkey", "code_completion"])
+    manifest = json.loads((dev / "manifest.json").read_text())
+    assert manifest["partition"] == "calibration" and "--partition calibration" in manifest["command"]
+    for name in ("passkey", "code_completion"):
+        d, _ = load_tasks(dev / f"{name}.jsonl")
+        t, _ = load_tasks(test / f"{name}.jsonl")
+        for x in d:
+            chunks = {x.context[i : i + 200] for i in range(0, len(x.context) - 200, 200)}
+            assert not any(c in y.context for y in t for c in chunks), x.id

@@ -13,7 +13,7 @@ from polykv_cli.common import err, one_line_errors, out
 
 POLICY_COLORS = {
     "full": "white", "streaming": "cyan", "snapkv": "green", "h2o": "magenta", "tova": "yellow", "knorm": "blue",
-    "random": "red", "expected_attention": "bright_green",
+    "random": "red", "expected_attention": "bright_green", "snapkv_forward": "green4",
 }
 SPARE_COLORS = ("bright_cyan", "bright_magenta", "bright_yellow", "bright_blue", "bright_red", "orange3")
 

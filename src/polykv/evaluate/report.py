@@ -1,7 +1,8 @@
 """Scores, gap recovery, the Markdown report and the plots of an evaluation directory.
 
 Gap recovery at a budget = (plan - best uniform) / (full - best uniform), where best uniform is the single policy
-with the best average score at that budget; it is null when full equals the best uniform (no gap to recover).
+with the best average score at that budget; it is null when the best uniform scores at least as
+much as full (no gap to recover).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def select_tasks(results: pd.DataFrame, tasks: list[str] | None) -> pd.DataFrame
 
 
 def _gap(plan: float | None, best: float | None, full: float | None) -> float | None:
-    if plan is None or best is None or full is None or full == best:
+    """(plan - best) / (full - best); None when there is no gap: the best uniform policy scores at least the full
+    cache (equal, or above it by sampling noise; the ratio's sign would flip and its size mean nothing)."""
+    if plan is None or best is None or full is None or full <= best:
         return None
     return round((plan - best) / (full - best), 4)
 

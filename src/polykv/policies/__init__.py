@@ -15,11 +15,12 @@ from polykv.policies.h2o import H2O
 from polykv.policies.knorm import KNorm
 from polykv.policies.random import Random
 from polykv.policies.snapkv import SnapKV
+from polykv.policies.snapkv_forward import SnapKVForward
 from polykv.policies.streaming import Streaming
 from polykv.policies.tova import TOVA
 
 _POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Streaming, SnapKV, H2O, TOVA, KNorm, Random, ExpectedAttention)
+    cls.name: cls for cls in (Full, Streaming, SnapKV, H2O, TOVA, KNorm, Random, ExpectedAttention, SnapKVForward)
 }
 
 

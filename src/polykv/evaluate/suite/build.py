@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polykv.evaluate.suite.sources import (
+    CALIBRATION,
     CHARS_PER_TOKEN,
     EVALUATION,
     ChangelogEntry,
@@ -514,12 +515,23 @@ def length_stats(rows: list[Instance]) -> dict[str, int]:
             "min_est_tokens": round(chars[0] / CHARS_PER_TOKEN), "max_est_tokens": round(chars[-1] / CHARS_PER_TOKEN)}
 
 
-def build_suite(out: Path, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, tasks: list[str] | None = None) -> dict:
-    """Write every task's JSONL and a manifest (counts, lengths, seeds, Python version); returns the manifest."""
-    manifest: dict = {"builder_version": BUILDER_VERSION, "seed": seed, "python": sys.version.split()[0],
-                      "command": f"python -m polykv.evaluate.suite.build --out DIR --n {n} --seed {seed}", "tasks": {}}
+PARTITIONS = {p.name: p for p in (EVALUATION, CALIBRATION)}
+
+
+def build_suite(out: Path, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, tasks: list[str] | None = None,
+                part: Partition = EVALUATION) -> dict:
+    """Write every task's JSONL and a manifest (counts, lengths, seeds, Python version); returns the manifest.
+
+    `part=CALIBRATION` draws the same tasks from the calibration sources instead: a development split for choosing
+    between plans (solver settings, refinement) without looking at the evaluation suite.
+    """
+    command = f"python -m polykv.evaluate.suite.build --out DIR --n {n} --seed {seed}"
+    if part is not EVALUATION:
+        command += f" --partition {part.name}"
+    manifest: dict = {"builder_version": BUILDER_VERSION, "seed": seed, "partition": part.name,
+                      "python": sys.version.split()[0], "command": command, "tasks": {}}
     for name in tasks or list(TASKS):
-        rows = TASKS[name](n, task_seed(seed, name))
+        rows = TASKS[name](n, task_seed(seed, name), part)
         write_jsonl(out / f"{name}.jsonl", rows)
         manifest["tasks"][name] = {"seed": task_seed(seed, name), "metric": rows[0]["metric"], **length_stats(rows)}
         print(f"{name}: {json.dumps(manifest['tasks'][name])}", file=sys.stderr)
@@ -533,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=DEFAULT_N, help="instances per task")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed (task k uses seed + k)")
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), help="only these tasks (default: all)")
+    ap.add_argument("--partition", choices=list(PARTITIONS), default=EVALUATION.name,
+                    help="source texts: evaluation (the shipped suite) or calibration (a development split)")
     args = ap.parse_args(argv)
-    build_suite(args.out, args.n, args.seed, args.tasks)
+    build_suite(args.out, args.n, args.seed, args.tasks, PARTITIONS[args.partition])
     return 0
 
 
