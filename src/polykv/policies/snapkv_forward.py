@@ -5,8 +5,9 @@ key: "the passkey for <name> is"), not to the value that follows it (the digits)
 only while decoding. SnapKV's centred average pooling (kernel 5) keeps the key and loses the value. Here each token
 scores the highest window attention among itself and the `span - 1` tokens before it, so an attended token brings
 the next `span - 1` tokens with it. (ChunkKV keeps fixed chunks for a similar reason; a forward span follows the
-attended token instead of a chunk grid.) On SmolLM2 this kept 88-100 % of the passkey digits at 128-256 tokens per
-layer in the layers that read them, against 17-31 % for SnapKV (docs/calibration.md). The window is kept.
+attended token instead of a chunk grid.) On SmolLM2, in the layers that read the passkey, span 12 kept 89 % / 96 %
+of its digits at 128 / 256 tokens per layer, against 17 % / 31 % for SnapKV (docs/calibration.md). The window is
+kept.
 """
 
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ class SnapKVForward(Policy):
 
     def __post_init__(self) -> None:
         if self.span < 1 or self.window < 1:
-            raise ValueError(f"snapkv_forward needs window >= 1 and span >= 1, got window={self.window}, span={self.span}")
+            raise ValueError(
+                f"snapkv_forward needs window >= 1 and span >= 1, got window={self.window}, span={self.span}"
+            )
 
     def queries_needed(self) -> int:
         return self.window
