@@ -3,8 +3,7 @@
 One shipped instance (default: passkey-000), the default methods (full, every uniform policy, pyramid, the
 checked-in plans) at budgets 64-512. Prints a Markdown section: machine, load, command, and the seconds of
   the capture (one full-cache prefill recording what every policy needs) and the compression of every configuration,
-  decoding all configurations as one shared-prefix batch (the engine's path, `polykv.shared_prefix`), with and
-  without stopping rows whose score is settled (`evaluate.tasks.settled`), and as stacked
+  decoding all configurations as one shared-prefix batch (the engine's path, `polykv.shared_prefix`), and as stacked
   copies: with `evaluate.batching.partition` (the fallback), in one batch, in one batch per budget (median of
   --repeats),
   one attention call of the ragged decode batch: grouped by KV head (the engine's path) vs sdpa after repeat_kv.
@@ -44,7 +43,7 @@ def main() -> None:
     from polykv.cache import stack
     from polykv.capture import capture
     from polykv.evaluate.batching import partition
-    from polykv.evaluate.engine import Job, settled_stop, weight_tokens
+    from polykv.evaluate.engine import Job, weight_tokens
     from polykv.evaluate.methods import parse_methods
     from polykv.evaluate.tasks import load_tasks
     from polykv.generation import eos_ids, greedy
@@ -94,10 +93,6 @@ def main() -> None:
     t_decode = {"shared-prefix batch of all rows (the engine)": timed(
         lambda: greedy(model, shared_batch(cap.cache, comp, new), cap.last_logits.expand(len(comp), -1), new, eos),
         args.repeats)}
-    stop = settled_stop(tok, inst)
-    t_decode["shared-prefix batch, rows stop once their score is settled (the engine's default)"] = timed(
-        lambda: greedy(model, shared_batch(cap.cache, comp, new), cap.last_logits.expand(len(comp), -1), new, eos,
-                       stop=stop), args.repeats)
     t_decode.update({f"stacked, {name}": timed(lambda g=groups: decode(g), args.repeats)
                      for name, groups in decodes.items()})
 

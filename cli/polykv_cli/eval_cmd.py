@@ -46,8 +46,6 @@ def register(app: typer.Typer) -> None:
         calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration dir for the heatmap."),
         verify_prefill: int = typer.Option(0, "--verify-prefill", help="Also re-run K instances with one prefill per method: equality and speed-up."),
         max_rows: int = typer.Option(64, "--max-rows", help="Compressed caches decoded together."),
-        early_stop: bool = typer.Option(True, "--early-stop/--no-early-stop", help="Stop a row once more tokens "
-                                        "cannot change its score (substring found, code line complete)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
         device: Optional[str] = typer.Option(None, "--device"),
         dtype: Optional[str] = typer.Option(None, "--dtype"),
@@ -127,13 +125,11 @@ def register(app: typer.Typer) -> None:
             for i, inst in enumerate(instances):
                 if (inst.task, inst.id) in done:
                     continue
-                verify = i < verify_prefill  # compared token for token with full decodes: decode them all
-                res = evaluate_instance(loaded, inst, method_list, grid, mode, max_context, max_rows=max_rows,
-                                        early_stop=early_stop and not verify)
+                res = evaluate_instance(loaded, inst, method_list, grid, mode, max_context, max_rows=max_rows)
                 rows.extend(res.rows)
                 prefill_s += res.prefill_s
                 decode_s += res.decode_s
-                if verify:
+                if i < verify_prefill:
                     slow_rows, slow_s = reprefill_instance(loaded, inst, method_list, grid, mode, max_context)
                     fast = {(r["method"], r["budget"]): r["prediction"] for r in res.rows}
                     same = sum(fast[(r["method"], r["budget"])] == r["prediction"] for r in slow_rows)
@@ -155,7 +151,6 @@ def register(app: typer.Typer) -> None:
             "methods": run_key["methods"],
             "budgets": grid,
             "verify_prefill": checks,
-            "early_stop": early_stop,
         }
         if done:
             info["resumed_instances"] = len(done)

@@ -6,8 +6,6 @@ or already-compressed cache and for exact timing of prefill vs decode.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -24,14 +22,11 @@ def greedy(
     max_new_tokens: int,
     eos_token_ids: set[int] | None = None,
     shrink: float = 0.25,
-    stop: Callable[[list[int]], bool] | None = None,
 ) -> Tensor:
     """Greedy tokens (B, n <= max_new_tokens) continuing from `first_logits` (B, V), the prefill's last logits.
 
     A row's tokens after its first EOS are that EOS id. Finished rows leave the batch (and the cache) once they
     are at least `shrink` of it, so a batch of short answers does not keep paying for its longest one.
-    `stop(tokens)` (needs an EOS id) ends a row early, as if it had emitted EOS after `tokens`: the evaluation
-    passes "the score is settled" (`polykv.evaluate.tasks.settled`), so rows stop once more tokens cannot matter.
     """
     eos = sorted(eos_token_ids or ())
     device = first_logits.device
@@ -41,9 +36,6 @@ def greedy(
     out[:, 0] = token[:, 0]
     rows = torch.arange(token.shape[0], device=device)  # the output row of each row still in the batch
     done = torch.isin(token[:, 0], eos_t) if eos else torch.zeros(token.shape[0], dtype=torch.bool, device=device)
-    stop = stop if eos else None
-    if stop:
-        done = _stopped(out, rows, done, 1, stop)
     steps = 1
     with polykv_attention(model):
         for step in range(1, max_new_tokens):
@@ -61,21 +53,7 @@ def greedy(
                 done = done | torch.isin(token[:, 0], eos_t)
             out[rows, step] = token[:, 0]
             steps = step + 1
-            if stop:
-                done = _stopped(out, rows, done, steps, stop)
     return out[:, :steps]
-
-
-def _stopped(out: Tensor, rows: Tensor, done: Tensor, steps: int, stop: Callable[[list[int]], bool]) -> Tensor:
-    """`done` with the live rows whose first `steps` tokens satisfy `stop` marked finished."""
-    live = (~done).nonzero()[:, 0]
-    if not len(live):
-        return done
-    flags = [stop(toks) for toks in out[rows[live], :steps].tolist()]
-    if any(flags):
-        done = done.clone()
-        done[live[torch.tensor(flags, device=done.device)]] = True
-    return done
 
 
 def eos_ids(tokenizer, model) -> set[int]:

@@ -4,8 +4,6 @@ For each instance the prompt is prefilled once with the full cache (`polykv.capt
 compresses that capture (the same code as compression during prefill, so the kept sets are identical) and they
 decode together as one shared-prefix batch (`polykv.shared_prefix`: the prompt's K/V stored once, each row a mask of
 its kept columns plus its own new tokens); finished rows leave early. Greedy decoding, so results are deterministic.
-A row also finishes once its score is settled (`tasks.settled`: a substring answer found, a code line complete):
-later tokens could not change the score, so they are not generated (`early_stop=False` decodes them all).
 A capture that cannot be shared falls back to stacked copies batched by `batching.partition`.
 """
 
@@ -23,7 +21,7 @@ from polykv.capture import capture
 from polykv.compat import with_cache
 from polykv.evaluate.batching import partition
 from polykv.evaluate.methods import Method
-from polykv.evaluate.tasks import TaskInstance, score, settled
+from polykv.evaluate.tasks import TaskInstance, score
 from polykv.generation import decode_text, eos_ids, greedy
 from polykv.models import LoadedModel, fingerprint
 from polykv.prompts import encode
@@ -56,11 +54,6 @@ class InstanceResult:
     decode_s: float
 
 
-def settled_stop(tokenizer, inst: TaskInstance) -> Callable[[list[int]], bool]:
-    """`greedy`'s stop test for this instance: the decoded tokens already fix its score (`tasks.settled`)."""
-    return lambda toks: settled(inst.metric, tokenizer.decode(toks, skip_special_tokens=True), inst.answers)
-
-
 @torch.no_grad()
 def evaluate_instance(
     loaded: LoadedModel,
@@ -73,7 +66,6 @@ def evaluate_instance(
     max_tokens: int = 60_000,
     default_new_tokens: int = 24,
     shared_prefix: bool = True,
-    early_stop: bool = True,
 ) -> InstanceResult:
     """Score every (method, budget) on one instance from a single prefill.
 
@@ -99,7 +91,6 @@ def evaluate_instance(
     rows: list[dict] = [{} for _ in jobs]
     slack = max_new + prompt.length - first.shape[1]
     shared = shared_prefix and shareable(cap.cache) and not has_sinks(model)
-    stop = settled_stop(tok, inst) if early_stop else None
     if shared:  # rows are masks over one prefix: cost per row is small and alike, so batches are just max_rows
         batches = [list(range(i, min(i + max_rows, len(jobs)))) for i in range(0, len(jobs), max_rows)]
     else:
@@ -113,7 +104,7 @@ def evaluate_instance(
             q = prompt.question.to(device).expand(len(batch), -1)
             with polykv_attention(model):
                 logits = model(input_ids=q, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
-        tokens = greedy(model, cache, logits, max_new, eos, stop=stop)
+        tokens = greedy(model, cache, logits, max_new, eos)
         for i, text in zip(batch, decode_text(tok, tokens, eos)):
             stats = compressed[i].stats()
             rows[i] = {

@@ -124,30 +124,6 @@ METRIC_FUNCTIONS: dict[str, Callable[[str, Sequence[str]], float]] = {
 }
 
 
-def _has_complete_code_line(prediction: str) -> bool:
-    """A line that `first_code_line` would return is already ended by a line break (so it cannot grow)."""
-    for line in prediction.splitlines(keepends=True):
-        body = line.splitlines()[0]  # the line without its break ("\n".splitlines() == [""])
-        s = body.strip()
-        if s and not s.startswith("```"):
-            return len(body) < len(line)
-    return False
-
-
-def settled(metric: str, prediction: str, answers: Sequence[str]) -> bool:
-    """True when no continuation of `prediction` can change its score, so decoding may stop here.
-
-    `substring`: an answer already occurs (appending text cannot remove it). `edit_sim`: the first code line is
-    complete (followed by a line break), and it alone is scored. `exact` and `f1` score the whole output, so more
-    tokens can always change them: never settled.
-    """
-    if metric == "substring":
-        return substring_match(prediction, answers) == 1.0
-    if metric == "edit_sim":
-        return _has_complete_code_line(prediction)
-    return False
-
-
 def score(metric: str, prediction: str, answers: Sequence[str]) -> float:
     """The instance's score on a 0-100 scale; TaskError for an unknown metric or no answers."""
     fn = METRIC_FUNCTIONS.get(metric)
