@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o",
             help="Plan file (one budget) or directory (avg<budget>.json each); default plans/<model>/.",
         ),
-        metric: Optional[str] = typer.Option(None, "--metric", help="Loss metric (default e2e_kl, else e2e_dnll, else proxy_err)."),
+        metric: Optional[str] = typer.Option(None, "--metric", help="Loss metric (default: the first the calibration "
+                                             "has of e2e_kl, proxy_anchored, proxy_scaled, e2e_dnll, proxy_err)."),
         aggregate: str = typer.Option("mean", "--aggregate", help="Over samples: mean | max | quantile:Q."),
         category_weights: Optional[str] = typer.Option(None, "--category-weights", help="e.g. qa=2,code=1."),
         policies: Optional[str] = typer.Option(None, "--policies", help="Comma list the solver may use."),
