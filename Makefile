@@ -54,8 +54,8 @@ calibrate: install
 
 solve: install
 	$(BIN)/polykv solve --calibration $(CAL) --budgets $(BUDGETS) --out plans/$(MODEL)
-	@if [ -n "$(AGG_BUDGETS)" ]; then set -x; $(BIN)/polykv solve --calibration $(CAL) --budgets $(AGG_BUDGETS) \
-	  --aggregate $(AGGREGATE) --out plans/$(MODEL); fi
+	$(if $(AGG_BUDGETS),$(BIN)/polykv solve --calibration $(CAL) --budgets $(AGG_BUDGETS) --aggregate $(AGGREGATE) \
+	  --out plans/$(MODEL))
 
 # Refine the solved plans of $(MODEL) in place against the model's measured whole-model loss (polykv refine).
 REFINE_ARGS ?= --samples 16 --holdout 8 --rounds 8 --budgets 128,256
