@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from polykv.solve.aggregate import Aggregation
 
 ROOT = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 
 def _solves(*make_args: str) -> dict[str, dict[int, dict]]:
