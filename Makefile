@@ -17,7 +17,7 @@ CAL_ARGS ?=
 # model:samples[:BUDGETS@AGGREGATE]: the checked-in plans were calibrated on that many shipped samples (default
 # `scaled` measure), Qwen's on all 32 since session 7; BUDGETS are solved with `--aggregate AGGREGATE` over the
 # calibration samples instead of the mean. Each choice was made on a development split (BENCHMARKS.md).
-PLAN_MODELS ?= smollm2-135m:16:128,256@quantile:0.75 qwen2.5-coder-0.5b:32
+PLAN_MODELS ?= smollm2-135m:16:128,256@quantile:0.75 qwen2.5-coder-0.5b:32:64@quantile:0.75
 # `make solve` re-solves AGG_BUDGETS with --aggregate AGGREGATE after solving BUDGETS with the mean
 AGG_BUDGETS ?=
 AGGREGATE ?= mean
