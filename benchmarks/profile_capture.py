@@ -36,13 +36,14 @@ def main() -> None:
     ap.add_argument("--task", default="passkey")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the model's default dtype)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype)
     row = json.loads((SUITE / f"{args.task}.jsonl").read_text().splitlines()[0])
     ids = encode(loaded.tokenizer, row["context"], row["question"]).ids
     model = loaded.model
-    print(f"{args.model}, {row['id']}: {ids.shape[1]} prompt tokens, {args.threads} threads, best of {args.repeats}")
+    print(f"{args.model}, {row['id']}: {ids.shape[1]} prompt tokens, {args.threads} threads, {model.dtype}, best of {args.repeats}")
     with torch.no_grad():
         model(input_ids=ids[:, :256], use_cache=True, logits_to_keep=1)  # warm-up: first-call allocations
         plain = best_of(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), args.repeats)

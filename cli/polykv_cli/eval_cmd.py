@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration dir for the heatmap."),
         verify_prefill: int = typer.Option(0, "--verify-prefill", help="Also re-run K instances with one prefill per method: equality and speed-up."),
         max_rows: int = typer.Option(64, "--max-rows", help="Compressed caches decoded together."),
+        workers: int = typer.Option(1, "--workers", help="Worker processes sharing the instances (each loads the "
+                                    "model; this process's threads are split between them)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
         device: Optional[str] = typer.Option(None, "--device"),
         dtype: Optional[str] = typer.Option(None, "--dtype"),
@@ -56,15 +58,18 @@ def register(app: typer.Typer) -> None:
         import pyarrow.parquet as pq
 
         from polykv.errors import InputError
-        from polykv.evaluate.engine import MODES, evaluate_instance, reprefill_instance
+        from polykv.evaluate.engine import MODES
         from polykv.evaluate.progress import clear_progress, load_progress, save_progress
         from polykv.evaluate.methods import parse_methods
         from polykv.evaluate.report import render
         from polykv.evaluate.suite import load_default_suite, suite_files
         from polykv.evaluate.tasks import load_tasks
+        from polykv.evaluate.workers import EvalJob, run_instances
         from polykv.io import atomic_write, atomic_write_json
         from polykv.models import load_model
 
+        if workers < 1:
+            fail(f"--workers {workers} must be at least 1")
         if mode not in MODES:
             fail(f"unknown --mode {mode!r}; use query-aware or context-only")
         try:
@@ -116,27 +121,25 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         if done:
             err.print(f"resuming {out_dir}: {len(done)} of {len(instances)} instances already evaluated", soft_wrap=True)
-        loaded = load_model(model, device=device, dtype=dtype)
+        job = EvalJob(model, tuple(method_list), tuple(grid), mode, max_context, max_rows, device, dtype)
+        pending = [i for i in instances if (i.task, i.id) not in done]
+        verify = {(i.task, i.id) for i in instances[:verify_prefill]}
+        loaded = load_model(model, device=device, dtype=dtype) if workers == 1 else None
         rows, prefill_s, decode_s, checks = list(done_rows), 0.0, 0.0, []
         started = time.perf_counter()
         with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=err) as progress:
             task = progress.add_task("instances", total=len(instances), completed=len(done))
-            for i, inst in enumerate(instances):
-                if (inst.task, inst.id) in done:
-                    continue
-                res = evaluate_instance(loaded, inst, method_list, grid, mode, max_context, max_rows=max_rows)
-                rows.extend(res.rows)
-                prefill_s += res.prefill_s
-                decode_s += res.decode_s
-                if i < verify_prefill:
-                    slow_rows, slow_s = reprefill_instance(loaded, inst, method_list, grid, mode, max_context)
-                    fast = {(r["method"], r["budget"]): r["prediction"] for r in res.rows}
-                    same = sum(fast[(r["method"], r["budget"])] == r["prediction"] for r in slow_rows)
-                    checks.append({"instance": inst.id, "engine_s": res.prefill_s + res.decode_s, "reprefill_s": slow_s,
-                                   "same_predictions": same, "configurations": len(slow_rows)})
+            for fin in run_instances(job, pending, verify, workers, loaded):
+                rows.extend(fin.result.rows)
+                prefill_s += fin.result.prefill_s
+                decode_s += fin.result.decode_s
+                if fin.check:
+                    checks.append(fin.check)
                 save_progress(out_dir, run_key, rows)
                 progress.advance(task)
+        position = {(i.task, i.id): k for k, i in enumerate(instances)}  # workers finish out of order
+        rows.sort(key=lambda r: position[(str(r["task"]), str(r["instance_id"]))])
         results = pd.DataFrame(rows)
         atomic_write(out_dir / "results.parquet",
                      lambda tmp: pq.write_table(pa.Table.from_pandas(results, preserve_index=False), tmp))
@@ -146,6 +149,7 @@ def register(app: typer.Typer) -> None:
             "instances": len(instances), "tasks": sorted({i.task for i in instances}), "max_context": max_context,
             "seconds": {"total": round(time.perf_counter() - started, 1), "prefill_and_compress": round(prefill_s, 1),
                         "decode": round(decode_s, 1)},
+            "workers": workers,
             "plans": {str(b): p for b, p in (plan_method.plans if plan_method else ())},
             "calibration": str(calibration) if calibration else None,
             "methods": run_key["methods"],

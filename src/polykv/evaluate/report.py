@@ -101,7 +101,7 @@ def markdown(results: pd.DataFrame, info: dict, summ: dict) -> str:
     """The report: setup, average score per method x budget, gap recovery, per-task table."""
     scores = task_scores(results)
     lines = [f"# PolyKV evaluation: {summ['model']}", ""]
-    for key in ("command", "machine", "mode", "instances", "tasks", "seconds", "max_context"):
+    for key in ("command", "machine", "mode", "instances", "tasks", "seconds", "workers", "max_context"):
         if key in info:
             lines.append(f"- {key}: `{info[key]}`" if key == "command" else f"- {key}: {info[key]}")
     lines += ["", "## Average score (0-100) per method and average budget", ""]
