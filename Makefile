@@ -22,7 +22,7 @@ PLAN_MODELS ?= smollm2-135m:16:128,256@quantile:0.75 qwen2.5-coder-0.5b:32:64@qu
 AGG_BUDGETS ?=
 AGGREGATE ?= mean
 
-.PHONY: install demo test test-fast calibrate solve refine plans eval bench bench-eval bench-solve bench-gpu clean-cache
+.PHONY: install demo test test-fast calibrate solve refine plans eval bench bench-eval bench-eval-workers bench-solve bench-gpu clean-cache
 
 install: $(VENV)/.installed
 
@@ -84,6 +84,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_run.py --threads $(THREADS)
+
+bench-eval-workers: install
+	$(BIN)/python benchmarks/bench_eval_workers.py --threads $(THREADS)
 
 bench-eval: install
 	$(BIN)/python benchmarks/bench_eval.py --threads $(THREADS)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from polykv.evaluate.methods import parse_methods
 from polykv.evaluate.tasks import TaskInstance
-from polykv.evaluate.workers import EvalJob, run_instances
+from polykv.evaluate.workers import EvalJob, run_instances, worker_device
 
 PASSKEY = (Path(__file__).parents[1] / "examples" / "passkey.txt").read_text()
 WORDS = ["pineapple", "lighthouse", "marmalade"]
@@ -43,6 +43,13 @@ def test_two_workers_give_the_rows_of_one_process(smollm2):
     check = by_id["p1"].check  # the prefill-per-method check ran inside a worker
     assert check is not None and check["same_predictions"] == check["configurations"] == 5
     assert by_id["p0"].check is None and by_id["p2"].check is None
+
+
+def test_workers_spread_over_gpus_only_when_no_device_is_named():
+    assert [worker_device(None, k, 4) for k in range(5)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
+    assert worker_device("cuda", 5, 2) == "cuda:1"
+    assert worker_device("cuda:3", 1, 4) == "cuda:3" and worker_device("cpu", 1, 4) == "cpu"
+    assert worker_device(None, 1, 1) is None and worker_device(None, 1, 0) is None
 
 
 def test_workers_must_be_positive():

@@ -69,10 +69,15 @@ def _init_worker(job: EvalJob, threads: int, counter) -> None:
         index = counter.value
         counter.value += 1
     torch.set_num_threads(threads)
-    device = job.device
-    if (device in (None, "cuda")) and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        device = f"cuda:{index % torch.cuda.device_count()}"
-    _STATE["job"], _STATE["loaded"] = job, _load(job, device)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    _STATE["job"], _STATE["loaded"] = job, _load(job, worker_device(job.device, index, gpus))
+
+
+def worker_device(requested: str | None, index: int, gpus: int) -> str | None:
+    """Worker `index`'s device: spread over the GPUs when none (or plain "cuda") was named; else as requested."""
+    if requested in (None, "cuda") and gpus > 1:
+        return f"cuda:{index % gpus}"
+    return requested
 
 
 def _work(item: tuple[TaskInstance, bool]) -> Finished:
