@@ -66,7 +66,6 @@ def register(app: typer.Typer) -> None:
         from polykv.evaluate.tasks import load_tasks
         from polykv.evaluate.workers import EvalJob, run_instances
         from polykv.io import atomic_write, atomic_write_json
-        from polykv.models import load_model
 
         if workers < 1:
             fail(f"--workers {workers} must be at least 1")
@@ -124,13 +123,12 @@ def register(app: typer.Typer) -> None:
         job = EvalJob(model, tuple(method_list), tuple(grid), mode, max_context, max_rows, device, dtype)
         pending = [i for i in instances if (i.task, i.id) not in done]
         verify = {(i.task, i.id) for i in instances[:verify_prefill]}
-        loaded = load_model(model, device=device, dtype=dtype) if workers == 1 else None
         rows, prefill_s, decode_s, checks = list(done_rows), 0.0, 0.0, []
         started = time.perf_counter()
         with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=err) as progress:
             task = progress.add_task("instances", total=len(instances), completed=len(done))
-            for fin in run_instances(job, pending, verify, workers, loaded):
+            for fin in run_instances(job, pending, verify, workers):
                 rows.extend(fin.result.rows)
                 prefill_s += fin.result.prefill_s
                 decode_s += fin.result.decode_s

@@ -100,7 +100,9 @@ def run_instances(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     verify = verify or set()
-    if workers == 1 or len(instances) <= 1:
+    if not instances:  # e.g. a resumed run with nothing left: no model to load
+        return
+    if workers == 1 or len(instances) == 1:
         loaded = loaded or _load(job)
         for inst in instances:
             yield evaluate_one(loaded, job, inst, (inst.task, inst.id) in verify)
