@@ -224,7 +224,25 @@ def test_development_split_uses_the_calibration_sources(tmp_path: Path):
     assert manifest["partition"] == "calibration" and "--partition calibration" in manifest["command"]
     for name in ("passkey", "code_completion"):
         d, _ = load_tasks(dev / f"{name}.jsonl")
+        assert [x.id for x in d] == [f"{name}-{i:03d}" for i in range(2)]
         t, _ = load_tasks(test / f"{name}.jsonl")
         for x in d:
             chunks = {x.context[i : i + 200] for i in range(0, len(x.context) - 200, 200)}
             assert not any(c in y.context for y in t for c in chunks), x.id
+
+
+def test_replication_set_is_fresh_and_prefixed(tmp_path: Path):
+    """Another seed on the evaluation partition gives new instances whose ids cannot collide with the shipped ones."""
+    from polykv.evaluate.suite import build
+    from polykv.evaluate.suite.sources import DOC_DIR, LICENSE_DIR
+
+    if not LICENSE_DIR.is_dir() or not any(DOC_DIR.glob("*/changelog.Debian.gz")):
+        pytest.skip("no Debian license texts or changelogs on this machine (the builders need them)")
+    rep, base = tmp_path / "rep", tmp_path / "base"
+    assert build.main(["--out", str(rep), "--n", "2", "--seed", "9000", "--tasks", "passkey", "--id-prefix", "rep-"]) == 0
+    build.build_suite(base, n=2, tasks=["passkey"])
+    r, _ = load_tasks(rep / "passkey.jsonl")
+    b, _ = load_tasks(base / "passkey.jsonl")
+    assert [x.id for x in r] == ["rep-passkey-000", "rep-passkey-001"]
+    assert not {x.context for x in r} & {x.context for x in b}
+    assert "--seed 9000 --tasks passkey --id-prefix rep-" in json.loads((rep / "manifest.json").read_text())["command"]

@@ -519,19 +519,25 @@ PARTITIONS = {p.name: p for p in (EVALUATION, CALIBRATION)}
 
 
 def build_suite(out: Path, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, tasks: list[str] | None = None,
-                part: Partition = EVALUATION) -> dict:
+                part: Partition = EVALUATION, id_prefix: str = "") -> dict:
     """Write every task's JSONL and a manifest (counts, lengths, seeds, Python version); returns the manifest.
 
     `part=CALIBRATION` draws the same tasks from the calibration sources instead: a development split for choosing
-    between plans (solver settings, refinement) without looking at the evaluation suite.
+    between plans (solver settings, refinement) without looking at the evaluation suite. Another `seed` on the
+    evaluation partition gives fresh instances of the suite's own tasks (a replication); `id_prefix` keeps their ids
+    apart from the shipped ones so that results of both can be pooled.
     """
     command = f"python -m polykv.evaluate.suite.build --out DIR --n {n} --seed {seed}"
+    if tasks:
+        command += " --tasks " + " ".join(tasks)
     if part is not EVALUATION:
         command += f" --partition {part.name}"
+    if id_prefix:
+        command += f" --id-prefix {id_prefix}"
     manifest: dict = {"builder_version": BUILDER_VERSION, "seed": seed, "partition": part.name,
                       "python": sys.version.split()[0], "command": command, "tasks": {}}
     for name in tasks or list(TASKS):
-        rows = TASKS[name](n, task_seed(seed, name), part)
+        rows = [{**r, "id": id_prefix + str(r["id"])} for r in TASKS[name](n, task_seed(seed, name), part)]
         write_jsonl(out / f"{name}.jsonl", rows)
         manifest["tasks"][name] = {"seed": task_seed(seed, name), "metric": rows[0]["metric"], **length_stats(rows)}
         print(f"{name}: {json.dumps(manifest['tasks'][name])}", file=sys.stderr)
@@ -547,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), help="only these tasks (default: all)")
     ap.add_argument("--partition", choices=list(PARTITIONS), default=EVALUATION.name,
                     help="source texts: evaluation (the shipped suite) or calibration (a development split)")
+    ap.add_argument("--id-prefix", default="", help="prepended to every id, e.g. rep- for a replication set")
     args = ap.parse_args(argv)
-    build_suite(args.out, args.n, args.seed, args.tasks, PARTITIONS[args.partition])
+    build_suite(args.out, args.n, args.seed, args.tasks, PARTITIONS[args.partition], args.id_prefix)
     return 0
 
 
