@@ -6,6 +6,9 @@ means the value was not read (typically evicted). Run on evaluation directories 
 
     python benchmarks/multikey_choice.py benchmarks/results/smollm2-v9=src/polykv/evaluate/suite/data \
         benchmarks/results/smollm2-rep-s11=runs/s11/rep --methods full,plan,uniform:snapkv_forward
+
+(runs/s11/rep is the session-11 replication set: `python -m polykv.evaluate.suite.build --out runs/s11/rep --seed
+9000 --tasks passkey multikey_needles code_completion changelog_qa multidoc_retrieval frequent_words --id-prefix rep-`.)
 """
 
 from __future__ import annotations

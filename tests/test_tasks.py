@@ -239,7 +239,8 @@ def test_replication_set_is_fresh_and_prefixed(tmp_path: Path):
     if not LICENSE_DIR.is_dir() or not any(DOC_DIR.glob("*/changelog.Debian.gz")):
         pytest.skip("no Debian license texts or changelogs on this machine (the builders need them)")
     rep, base = tmp_path / "rep", tmp_path / "base"
-    assert build.main(["--out", str(rep), "--n", "2", "--seed", "9000", "--tasks", "passkey", "--id-prefix", "rep-"]) == 0
+    args = ["--out", str(rep), "--n", "2", "--seed", "9000", "--tasks", "passkey", "--id-prefix", "rep-"]
+    assert build.main(args) == 0
     build.build_suite(base, n=2, tasks=["passkey"])
     r, _ = load_tasks(rep / "passkey.jsonl")
     b, _ = load_tasks(base / "passkey.jsonl")
