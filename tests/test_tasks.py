@@ -11,6 +11,8 @@ import pytest
 
 from polykv.errors import TaskError
 from polykv.evaluate.suite import default_suite_path, load_default_suite, suite_files
+from polykv.evaluate.suite import build
+from polykv.evaluate.suite.sources import DOC_DIR, LICENSE_DIR
 from polykv.evaluate.tasks import (
     METRICS,
     edit_similarity,
@@ -194,12 +196,15 @@ def test_shipped_suite_generated_answers_are_right(suite):
             assert x.context.count(f"is {x.answers[0]}.") == 1
 
 
-def test_builders_are_deterministic_and_valid(tmp_path: Path):
-    from polykv.evaluate.suite import build
-    from polykv.evaluate.suite.sources import DOC_DIR, LICENSE_DIR
+#: the builders read Debian's license texts and changelogs; a machine without them cannot rebuild the suite
+needs_sources = pytest.mark.skipif(
+    not LICENSE_DIR.is_dir() or not any(DOC_DIR.glob("*/changelog.Debian.gz")),
+    reason="no Debian license texts or changelogs on this machine (the builders need them)",
+)
 
-    if not LICENSE_DIR.is_dir() or not any(DOC_DIR.glob("*/changelog.Debian.gz")):
-        pytest.skip("no Debian license texts or changelogs on this machine (the builders need them)")
+
+@needs_sources
+def test_builders_are_deterministic_and_valid(tmp_path: Path):
     a, b = tmp_path / "a", tmp_path / "b"
     build.build_suite(a, n=2)
     build.build_suite(b, n=2)
@@ -209,13 +214,9 @@ def test_builders_are_deterministic_and_valid(tmp_path: Path):
         assert len(instances) == 2 and not warnings
 
 
+@needs_sources
 def test_development_split_uses_the_calibration_sources(tmp_path: Path):
     """`--partition calibration` draws the same tasks from other texts: no context shares a source passage."""
-    from polykv.evaluate.suite import build
-    from polykv.evaluate.suite.sources import DOC_DIR, LICENSE_DIR
-
-    if not LICENSE_DIR.is_dir() or not any(DOC_DIR.glob("*/changelog.Debian.gz")):
-        pytest.skip("no Debian license texts or changelogs on this machine (the builders need them)")
     dev, test = tmp_path / "dev", tmp_path / "test"
     assert build.main(["--out", str(dev), "--n", "2", "--partition", "calibration", "--tasks", "passkey",
                        "code_completion"]) == 0
@@ -231,13 +232,9 @@ def test_development_split_uses_the_calibration_sources(tmp_path: Path):
             assert not any(c in y.context for y in t for c in chunks), x.id
 
 
+@needs_sources
 def test_replication_set_is_fresh_and_prefixed(tmp_path: Path):
     """Another seed on the evaluation partition gives new instances whose ids cannot collide with the shipped ones."""
-    from polykv.evaluate.suite import build
-    from polykv.evaluate.suite.sources import DOC_DIR, LICENSE_DIR
-
-    if not LICENSE_DIR.is_dir() or not any(DOC_DIR.glob("*/changelog.Debian.gz")):
-        pytest.skip("no Debian license texts or changelogs on this machine (the builders need them)")
     rep, base = tmp_path / "rep", tmp_path / "base"
     args = ["--out", str(rep), "--n", "2", "--seed", "9000", "--tasks", "passkey", "--id-prefix", "rep-"]
     assert build.main(args) == 0
