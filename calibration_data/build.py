@@ -153,11 +153,16 @@ CATEGORIES = {
 }
 
 
-def suite_text(suite: Path) -> str:
-    """All contexts and questions of the evaluation suite in `suite` (its *.jsonl files), joined."""
+def suite_text(suite: Path, exclude: tuple[Path, ...] = ()) -> str:
+    """All contexts and questions of the evaluation suite in `suite` (its *.jsonl files) and of the JSONL files in
+    `exclude` (e.g. another calibration set the output must not repeat), joined."""
     files = sorted(suite.glob("*.jsonl"))
     if not files:
         raise SystemExit(f"no evaluation suite in {suite}; build it first (python -m polykv.evaluate.suite.build)")
+    missing = [str(f) for f in exclude if not f.is_file()]
+    if missing:
+        raise SystemExit(f"--exclude {', '.join(missing)}: no such file")
+    files += list(exclude)
     parts = []
     for f in files:
         for line in f.read_text(encoding="utf-8").splitlines():
@@ -167,22 +172,25 @@ def suite_text(suite: Path) -> str:
     return "\0".join(parts)
 
 
-def build(per_category: int = 4, seed: int = DEFAULT_SEED, suite: Path = SUITE_DIR) -> list[Instance]:
+def build(per_category: int = 4, seed: int = DEFAULT_SEED, suite: Path = SUITE_DIR, exclude: tuple[Path, ...] = (),
+          id_prefix: str = "", tries: int = 3, categories: tuple[str, ...] | None = None) -> list[Instance]:
     """All categories in a fixed order; category k uses seed + 1 + k.
 
-    Each category makes 3x the candidates it needs and keeps the first ones sharing no 250-character passage
+    Each category makes `tries` x the candidates it needs and keeps the first ones sharing no 250-character passage
     with the evaluation suite, so the two stay disjoint even where the sources quote each other.
     """
-    reference = suite_text(suite)
+    reference = suite_text(suite, exclude)
     rows: list[Instance] = []
     for k, (name, fn) in enumerate(CATEGORIES.items()):
-        candidates = fn(3 * per_category, seed + 1 + k)
+        if categories is not None and name not in categories:
+            continue
+        candidates = fn(tries * per_category, seed + 1 + k)
         disjoint = [r for r in candidates if not shares_text(str(r["context"]), reference)]
         kept = disjoint[:per_category]
         if len(kept) < per_category:
             raise SystemExit(f"{name}: only {len(kept)} candidates are disjoint from the evaluation suite")
         for i, r in enumerate(kept):
-            r["id"] = f"{name}-{i:02d}"
+            r["id"] = f"{id_prefix}{name}-{i:02d}"
         chars = [len(str(r["context"])) for r in kept]
         print(f"{name}: {len(kept)} samples ({len(candidates) - len(disjoint)} candidates overlapped), {min(chars)}-"
               f"{max(chars)} chars (~{min(chars) / CHARS_PER_TOKEN:.0f}-{max(chars) / CHARS_PER_TOKEN:.0f} tokens)",
@@ -197,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-category", type=int, default=4, help="samples per category (8 categories)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed (category k uses seed + 1 + k)")
     ap.add_argument("--suite", type=Path, default=SUITE_DIR, help="evaluation suite to stay disjoint from")
+    ap.add_argument("--exclude", type=Path, nargs="*", default=[],
+                    help="further JSONL files to stay disjoint from (e.g. default.jsonl when building a held-out set)")
+    ap.add_argument("--id-prefix", default="", help="prefix for every id (keeps a held-out set's ids apart)")
+    ap.add_argument("--tries", type=int, default=3, help="candidates made per sample needed (more for --exclude)")
+    ap.add_argument("--categories", nargs="*", choices=list(CATEGORIES), help="only these (default: all)")
     args = ap.parse_args(argv)
-    rows = build(args.per_category, args.seed, args.suite)
+    rows = build(args.per_category, args.seed, args.suite, tuple(args.exclude), args.id_prefix, args.tries,
+                 tuple(args.categories) if args.categories else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8", newline="\n") as fh:
         for row in rows:

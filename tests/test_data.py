@@ -167,3 +167,27 @@ def test_shipped_calibration_matches_its_builder_schema(shipped: list[Sample]):
     lines = [json.loads(line) for line in SHIPPED.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert all(set(row) == {"id", "category", "context", "question", "answers"} for row in lines)
     assert [row["id"] for row in lines] == [s.id for s in shipped]
+
+
+HOLDOUT = ROOT / "calibration_data" / "holdout.jsonl"
+#: categories whose text comes from a pool too small to avoid the calibration set's paragraphs; their keys, numbers
+#: and words are generated anew, which is what makes them held out
+SHARED_HAYSTACK = ("multikey_needles", "variable_tracking", "frequent_words")
+
+
+def test_holdout_set_is_apart_from_the_calibration_set_and_the_suite(shipped: list[Sample]):
+    from polykv.evaluate.suite import load_default_suite
+
+    holdout = load_samples(HOLDOUT)
+    assert len(holdout) >= 8 and all(s.id.startswith("holdout-") for s in holdout)
+    assert not {s.id for s in holdout} & {s.id for s in shipped}
+    assert {s.category for s in holdout} <= {s.category for s in shipped}
+    eval_text = "\0".join(x.context for x in load_default_suite())
+    cal_text = "\0".join(s.context for s in shipped)
+    cal_answers = {(s.category, s.question, s.answers[0]) for s in shipped}
+    for s in holdout:
+        assert (s.category, s.question, s.answers[0]) not in cal_answers, s.id
+        for offset in range(0, len(s.context) - 200, 200):
+            assert s.context[offset:offset + 200] not in eval_text, (s.id, offset)
+            if s.category not in SHARED_HAYSTACK:
+                assert s.context[offset:offset + 200] not in cal_text, (s.id, offset)

@@ -19,7 +19,8 @@ from polykv.data import load_samples
 from polykv.models import fingerprint
 from polykv.plan import Plan, uniform_plan
 from polykv.policies import make_policy
-from polykv.refine import Objective, neighbours, prepare_samples, refine_plan
+from polykv.answer_loss import Objective, prepare_samples
+from polykv.refine import neighbours, refine_plan
 from polykv.settings import LayerSetting
 from polykv_cli.main import app
 

@@ -29,6 +29,17 @@ def _loss(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def guard_line(g: dict) -> str:
+    """What the guard of `polykv solve` measured: answer KL of the solved plan, the best uniform policy, and what
+    was written."""
+    best = g.get("best_uniform")
+    text = (f"guard ({g.get('samples')} held-out samples, answer KL with all layers compressed): solved "
+            f"{_loss(g.get('solved_loss'))}")
+    if best:
+        text += f", best uniform {best.removeprefix('uniform:')} {_loss(g.get('best_uniform_loss'))}"
+    return text + f"; written: {g.get('chosen')} {_loss(g.get('chosen_loss'))}"
+
+
 def register(app: typer.Typer) -> None:
     plan_app = typer.Typer(help="Validate, show and compare plan files.", no_args_is_help=True)
     app.add_typer(plan_app, name="plan")
@@ -81,6 +92,8 @@ def register(app: typer.Typer) -> None:
                     text += (f"; held-out KL {held['loss'][0]:.4g} -> {held['loss'][-1]:.4g} on "
                              f"{held.get('samples')} samples ({len(held.get('rejected') or [])} finalists turned down)")
                 out.print(text, highlight=False, soft_wrap=True)
+        if "guard" in prov:
+            out.print(guard_line(prov["guard"]), highlight=False, soft_wrap=True)
         top = max(lp.budget for lp in plan.layers)
         types = plan.fingerprint["layer_types"]
         table = Table(show_edge=False, pad_edge=False)

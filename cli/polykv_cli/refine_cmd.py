@@ -38,7 +38,9 @@ def register(app: typer.Typer) -> None:
         from polykv.models import fingerprint, load_model
         from polykv.plan import Plan
         from polykv.policies import policy_names
-        from polykv.refine import prepare_samples, refine_plan
+        from polykv.solve.constraints import parse_budgets
+        from polykv.answer_loss import prepare_samples
+        from polykv.refine import refine_plan
 
         if samples < 1 or rounds < 1 or (holdout or 0) < 0 or caution < 0:
             fail("--samples and --rounds must be at least 1, --holdout and --caution at least 0")
@@ -46,11 +48,8 @@ def register(app: typer.Typer) -> None:
         if not source.exists():
             fail(f"no plans at {source}; pass --plans with a plan file or a directory written by polykv solve")
         found = plan_files(source)
-        if budgets:
-            try:
-                wanted = {int(b) for b in budgets.split(",") if b.strip()}
-            except ValueError:
-                fail(f"--budgets {budgets!r} must be a comma list of integers, e.g. 128,256")
+        if budgets is not None:
+            wanted = set(parse_budgets(budgets))
             missing = sorted(wanted - {b for b, _ in found})
             if missing:
                 fail(f"no plan in {source} at average budget {', '.join(map(str, missing))}; have "

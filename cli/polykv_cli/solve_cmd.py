@@ -10,7 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from polykv_cli.common import fail, one_line_errors, out
+from polykv_cli.common import err, fail, one_line_errors, out
 
 
 def _allocation(uniform: str | None, allocation: str | None) -> tuple[str | None, str]:
@@ -38,6 +38,22 @@ def _describe(agg) -> str:
     if agg.category_weights:
         text += " weighted " + ",".join(f"{c}={w:g}" for c, w in agg.category_weights)
     return text
+
+
+def guard_table(plans, verdicts) -> Table:
+    """One row per budget: the guard's measured answer KL of the solved plan and the best uniform policy, and what
+    was written."""
+    grid = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="guard: answer KL on held-out samples, all layers "
+                 "compressed", title_justify="left")
+    for col in ("avg", "solved", "best uniform", "written", "KL", "wins"):
+        grid.add_column(col, justify="left" if col in ("best uniform", "written") else "right", no_wrap=True)
+    for plan, v in zip(plans, verdicts):
+        best = v.best_uniform
+        grid.add_row(f"{plan.average_budget:g}", _fmt_loss(v.losses.get("solved")),
+                     "-" if best is None else f"{best.removeprefix('uniform:')} {_fmt_loss(v.losses[best])}",
+                     v.chosen, _fmt_loss(v.losses[v.chosen]),
+                     "-" if best is None or v.chosen == best else f"{v.wins.get(v.chosen, 0)}/{v.samples}")
+    return grid
 
 
 def register(app: typer.Typer) -> None:
@@ -68,9 +84,21 @@ def register(app: typer.Typer) -> None:
         allocation: Optional[str] = typer.Option(
             None, "--allocation", help="Named allocation instead of solving: pyramid[:POLICY] (default snapkv)."),
         pyramid_beta: float = typer.Option(20.0, "--pyramid-beta", help="Pyramid top layer gets B/beta."),
+        guard: bool = typer.Option(True, "--guard/--no-guard",
+                                   help="Measure each plan against its blends and every uniform policy on held-out "
+                                        "samples (loads the model) and write the best."),
+        guard_data: Optional[Path] = typer.Option(
+            None, "--guard-data", help="JSONL the guard judges on, minus the calibrated samples (default: the "
+                                       "shipped held-out set)."),
+        guard_samples: int = typer.Option(8, "--guard-samples", help="Held-out samples the guard judges on."),
+        guard_model: Optional[str] = typer.Option(None, "--guard-model",
+                                                  help="Model to load (default: the calibration's)."),
     ) -> None:
         """Choose each layer's (policy, budget) to minimise predicted loss under the total KV budget."""
         from polykv.solve.constraints import SolveOptions, parse_budgets, parse_layer_values, parse_pins, parse_weights
+        from polykv.guard import GuardSettings, guard_plans
+        from polykv.io import check_writable
+        from polykv.solve.inputs import read_metadata
         from polykv.solve.runner import SolveRequest, load_table, plan_paths, plans_for, write_plans
         from polykv.solve.summary import summarize
 
@@ -94,6 +122,14 @@ def register(app: typer.Typer) -> None:
         )
         plans = plans_for(replace(request, options=options), table, provenance)
         paths = plan_paths(table.model, wanted, out_path, kind, policy)
+        verdicts = []
+        if guard and kind is None:
+            for path in paths:
+                check_writable(path)  # before the guard's minutes of work
+            settings = GuardSettings(guard_data, guard_samples, guard_model)
+            guarded = guard_plans(table, plans, options, provenance, read_metadata(calibration), settings,
+                                  log=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
+            plans, verdicts = [p for p, _ in guarded], [v for _, v in guarded]
         write_plans(plans, paths)
 
         out.print(f"[bold]{table.model}[/] ({plans[0].fingerprint_hash}) · metric {table.metric} · "
@@ -116,5 +152,7 @@ def register(app: typer.Typer) -> None:
                 " ".join(f"{p}:{c}" for p, c in s.policy_counts.items()),
             )
         out.print(grid)
+        if verdicts:
+            out.print(guard_table(plans, verdicts))
         for path in paths:
             out.print(str(path), highlight=False, markup=False, soft_wrap=True)

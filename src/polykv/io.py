@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -27,6 +28,21 @@ def _cannot_write(path: Path, exc: OSError) -> OutputError:
     reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
     return OutputError(f"cannot write {path} ({reason}); choose an output path in a writable directory "
                        "with free space")
+
+
+def check_writable(path: str | Path) -> None:
+    """OutputError (as `atomic_write` would raise it) unless `path` could be written, creating nothing: its nearest
+    existing ancestor must be a writable directory. For commands that do long work before they write."""
+    path = Path(path)
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _cannot_write(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise _cannot_write(path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+    if path.is_dir():
+        raise _cannot_write(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -2,7 +2,7 @@
 
 `polykv solve` adds up per-layer losses, each measured with only that layer compressed. That misses how layers
 interact: a mid-context needle that one layer drops is still read through the others, so dropping it in any single
-layer looks cheap, yet dropping it in all of them loses the answer (the session-4 diagnosis in BENCHMARKS.md:
+layer looks cheap, yet dropping it in all of them loses the answer (docs/experiments.md, Refinement:
 SmolLM2's 256 plan used streaming on a layer that the 512 plan keeps nearly whole, and no layer alone shows why).
 
 Here the objective is what the plan does as a whole: the mean KL between the full cache's and the plan's next-token
@@ -13,8 +13,8 @@ measured changes as losses, assumed additive only within one round), measures th
 single move, and keeps the better if it lowers the measured loss. Candidates are rows of one shared-prefix batch
 (`polykv.shared_prefix`), so a round costs a few batched answer forwards per sample, not a prefill.
 
-Each round picks the best of hundreds of noisily measured moves, so the search overfits its samples (BENCHMARKS.md,
-session 4: 8 rounds on 12 samples lowered the measured loss and lost a task). Two guards: moves are ranked by their
+Each round picks the best of hundreds of noisily measured moves, so the search overfits its samples (docs/experiments.md,
+8 rounds on 12 samples lowered the measured loss and lost a task). Two guards: moves are ranked by their
 mean change plus a multiple of its standard error over the samples (a move must help consistently, not on one
 sample), and with held-out samples a round's finalist is accepted only if it also lowers their loss; the search
 stops at the first round where no finalist passes, so the returned plan is the one with the lowest held-out loss.
@@ -27,20 +27,13 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
-import torch
 from torch import nn
 
-from polykv.attention import polykv_attention
+from polykv.answer_loss import Choice, Objective
 from polykv.calibrate.sample import PreparedSample
-from polykv.calibrate.sensitivity import _answer_losses
-from polykv.compat import with_cache
 from polykv.plan import CostModel, LayerPlan, Plan
 from polykv.policies import make_policy
-from polykv.settings import LayerSetting
-from polykv.shared_prefix import from_kept
 from polykv.solve.mckp import solve_dp
-
-Choice = tuple[str, int]  # (policy, budget) of one layer
 
 
 @dataclass
@@ -51,48 +44,6 @@ class RefineResult:
     seconds: float = 0.0
     held_out: list[float] = field(default_factory=list)  # held-out loss after each accepted round (first: start)
     rejected: list[list[float]] = field(default_factory=list)  # [round, search loss, held-out loss] turned down
-
-
-class Objective:
-    """Mean KL (full cache || plan) over the samples' teacher-forced answers, for many plans at once."""
-
-    def __init__(self, model: nn.Module, samples: list[PreparedSample], max_rows: int = 48):
-        self.model, self.samples, self.max_rows = model, samples, max_rows
-        self._kept: list[dict[tuple[int, str, int], torch.Tensor | None]] = [{} for _ in samples]
-        self.evaluated = 0
-
-    def _kept_columns(self, s: int, layer: int, choice: Choice) -> torch.Tensor | None:
-        policy, budget = choice
-        key = (layer, policy, budget)
-        memo = self._kept[s]
-        if key not in memo:
-            sample = self.samples[s]
-            if policy == "full" or budget >= sample.prompt_tokens:
-                memo[key] = None
-            else:
-                obs = sample.capture.observation(layer)
-                memo[key] = LayerSetting(make_policy(policy), budget).kept_indices(obs)[0]
-        return memo[key]
-
-    def __call__(self, plans: list[list[Choice]]) -> np.ndarray:
-        """The mean over samples of each plan's answer KL."""
-        return self.per_sample(plans).mean(0)
-
-    @torch.no_grad()
-    def per_sample(self, plans: list[list[Choice]]) -> np.ndarray:
-        """(samples, plans): each sample's answer KL under each plan."""
-        out = np.zeros((len(self.samples), len(plans)))
-        with polykv_attention(self.model):
-            for s, sample in enumerate(self.samples):
-                for start in range(0, len(plans), self.max_rows):
-                    group = plans[start : start + self.max_rows]
-                    kept = [[self._kept_columns(s, l, c) for l, c in enumerate(p)] for p in group]
-                    cache = from_kept(sample.capture.cache, kept, slack=sample.answer_in.shape[1])
-                    inputs = sample.answer_in.expand(len(group), -1)
-                    logits = self.model(input_ids=inputs, **with_cache(self.model, cache), use_cache=True).logits
-                    out[s, start : start + len(group)] = _answer_losses(sample, logits.float())[1].cpu().numpy()
-        self.evaluated += len(plans)
-        return out
 
 
 def neighbours(choice: Choice, grid: list[int], policies: list[str]) -> list[Choice]:
@@ -226,18 +177,3 @@ def _with_choices(plan: Plan, choices: list[Choice], result: RefineResult, sampl
 
 def _rounded(values: list[float]) -> list[float]:
     return [float(f"{x:.6g}") for x in values]
-
-
-def prepare_samples(loaded, items: list, max_context: int | None, on_sample: Callable[[int], None] | None = None
-                    ) -> list[PreparedSample]:
-    """Prefill each calibration item once (capture + teacher-forced full-cache answer), as `calibrate` does."""
-    from polykv.calibrate.runner import CAPTURE_WINDOW
-    from polykv.calibrate.sample import prepare
-
-    out = []
-    for i, item in enumerate(items):
-        out.append(prepare(loaded.model, loaded.tokenizer, item.context, item.question, item.answers[0],
-                           max_context, CAPTURE_WINDOW))
-        if on_sample:
-            on_sample(i)
-    return out

@@ -127,7 +127,7 @@ def _batched_cache(sample: PreparedSample, layer: int, sets: list[Tensor]) -> Po
     return PolyKVCache(layers)
 
 
-def _answer_losses(sample: PreparedSample, logits: Tensor) -> tuple[Tensor, Tensor]:
+def answer_losses(sample: PreparedSample, logits: Tensor) -> tuple[Tensor, Tensor]:
     """Per row of (rows, m, V) teacher-forced answer logits: mean NLL of the targets, mean KL(full || row)."""
     lp = torch.log_softmax(logits, dim=-1)
     nll = -lp.gather(-1, sample.targets.expand(len(lp), -1)[..., None])[..., 0].mean(-1)
@@ -148,7 +148,7 @@ def e2e_losses(model: nn.Module, sample: PreparedSample, layer: int, options: li
             cache = _batched_cache(sample, layer, sets)
             inputs = sample.answer_in.expand(len(sets), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
-            nll, kl = _answer_losses(sample, logits)
+            nll, kl = answer_losses(sample, logits)
             results.extend((float(n) - sample.full_nll, float(k)) for n, k in zip(nll, kl))
     return [results[w] for w in which]
 
@@ -168,5 +168,5 @@ def uniform_losses(model: nn.Module, sample: PreparedSample, options: list[Optio
             cache = stack([sample.capture.compress([o.setting] * layers) for o in group])
             inputs = sample.answer_in.expand(len(group), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
-            results.extend(float(k) for k in _answer_losses(sample, logits)[1])
+            results.extend(float(k) for k in answer_losses(sample, logits)[1])
     return results

@@ -63,7 +63,8 @@ def hash_parquet(curves_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_metadata(path: Path) -> dict:
+def read_metadata(path: Path) -> dict:
+    """The checked metadata.json of a calibration directory (CalibrationError naming the fix otherwise)."""
     meta_path = path / "metadata.json"
     if not meta_path.is_file() and (path / "run.json").is_file():
         raise CalibrationError(f"{path} holds an unfinished calibration (no metadata.json yet); run the same "
@@ -122,7 +123,7 @@ def load_calibration(path: str | Path) -> Calibration:
     path = Path(path)
     if not path.is_dir():
         raise CalibrationError(f"calibration directory {path} does not exist; run `polykv calibrate` first")
-    meta = _read_metadata(path)
+    meta = read_metadata(path)
     curves_dir = path / "curves"
     if not curves_dir.is_dir() or not any(curves_dir.rglob("*.parquet")):
         raise CalibrationError(f"{curves_dir} has no Parquet files; re-run `polykv calibrate`")

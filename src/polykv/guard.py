@@ -1,0 +1,214 @@
+"""The guard: measure every candidate plan on held-out samples before one ships, and keep the best.
+
+`polykv solve` adds up per-layer losses, each measured with only that layer compressed. At tight budgets, with every
+layer compressed at once, that sum can mislead badly (a plan that starves most layers to feed a few can lose answers
+that a uniform policy keeps; BENCHMARKS.md, Generalization). So before a plan is written, the guard measures the
+whole-model loss of each candidate at the same budget: the solved plan, blends that re-solve it with per-layer
+budget floors (a fraction of the average budget on every layer, between the free plan and a uniform one), and every
+uniform policy. The loss is the mean over held-out samples of KL(full cache || candidate) on the teacher-forced
+answer with every layer compressed, the objective `polykv refine` uses. The candidate with the lowest loss is
+written; its provenance records every candidate's loss, so a plan is never knowingly worse than the best single
+policy on the data it was judged on.
+
+The measurement needs the model (a few batched answer forwards per sample); the candidates and the choice need only
+plans, so `polykv.solve` builds the candidates and this module judges them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from polykv.errors import InputError
+from polykv.plan import Plan
+from polykv.solve.candidates import SOLVED, guard_candidates
+from polykv.solve.constraints import SolveOptions
+from polykv.solve.aggregate import OptionTable
+
+OBJECTIVE = "mean KL(full || plan) over teacher-forced held-out answers, all layers compressed"
+
+Measure = Callable[[Sequence[Plan]], np.ndarray]  # plans -> (samples, plans) answer KL
+
+
+def choices(plan: Plan) -> list[tuple[str, int]]:
+    """A plan as the (policy, budget) of each layer: what the measurement depends on."""
+    return [(layer.policy, layer.budget) for layer in plan.layers]
+
+
+def distinct(candidates: Mapping[str, Plan]) -> dict[str, Plan]:
+    """The candidates without repeats: a later candidate equal to an earlier one (layer by layer) is dropped."""
+    seen: set[tuple] = set()
+    out: dict[str, Plan] = {}
+    for name, plan in candidates.items():
+        key = tuple(choices(plan))
+        if key not in seen:
+            seen.add(key)
+            out[name] = plan
+    return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guard's measurements at one budget and the candidate it keeps."""
+
+    losses: dict[str, float]  # candidate -> mean answer KL over the samples
+    wins: dict[str, int]  # candidate -> samples where it beats the best uniform candidate
+    chosen: str
+    samples: int
+    data_hash: str | None = None
+
+    @property
+    def best_uniform(self) -> str | None:
+        uniform = [n for n in self.losses if n.startswith("uniform:")]
+        return min(uniform, key=lambda n: self.losses[n]) if uniform else None
+
+    def provenance(self) -> dict:
+        """The record a written plan carries under `provenance.guard` (deterministic, JSON-ready)."""
+        best = self.best_uniform
+        return {
+            "objective": OBJECTIVE,
+            "samples": self.samples,
+            "data_hash": self.data_hash,
+            "chosen": self.chosen,
+            "solved_loss": _round(self.losses.get(SOLVED)),
+            "best_uniform": best,
+            "best_uniform_loss": None if best is None else _round(self.losses[best]),
+            "chosen_loss": _round(self.losses[self.chosen]),
+            "losses": {name: _round(value) for name, value in self.losses.items()},
+            "wins_over_best_uniform": dict(self.wins),
+        }
+
+
+def judge(per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = None) -> Verdict:
+    """The candidate with the least mean loss (ties go to the earlier name, so the solved plan first).
+
+    `per_sample` is (samples, candidates), in the order of `names`."""
+    if per_sample.ndim != 2 or per_sample.shape[1] != len(names) or per_sample.shape[0] == 0:
+        raise ValueError(f"per_sample must be (samples >= 1, {len(names)}), got {per_sample.shape}")
+    means = per_sample.mean(0)
+    losses = {name: float(m) for name, m in zip(names, means)}
+    chosen = names[int(np.argmin(means))]
+    uniform = [i for i, n in enumerate(names) if n.startswith("uniform:")]
+    wins: dict[str, int] = {}
+    if uniform:
+        best = min(uniform, key=lambda i: means[i])
+        wins = {n: int((per_sample[:, i] < per_sample[:, best]).sum()) for i, n in enumerate(names) if i != best}
+    return Verdict(losses, wins, chosen, int(per_sample.shape[0]), data_hash)
+
+
+def guard(candidates: Mapping[str, Plan], measure: Measure, data_hash: str | None = None) -> tuple[Plan, Verdict]:
+    """Measure each distinct candidate once, keep the best one, and record the verdict in its provenance.
+
+    A candidate equal to an earlier one (layer by layer) shares its measured losses, so a solved plan that is
+    itself a uniform plan ties with it and is kept as `solved`."""
+    pool = distinct(candidates)
+    unique = list(pool)
+    measured = np.asarray(measure([pool[n] for n in unique]), dtype=np.float64)
+    column = {tuple(choices(pool[n])): i for i, n in enumerate(unique)}
+    names = list(candidates)
+    per_sample = measured[:, [column[tuple(choices(candidates[n]))] for n in names]]
+    verdict = judge(per_sample, names, data_hash)
+    chosen = candidates[verdict.chosen]
+    return replace(chosen, provenance={**chosen.provenance, "guard": verdict.provenance()}), verdict
+
+
+def guard_all(frontier: Sequence[Mapping[str, Plan]], measure: Measure, data_hash: str | None = None
+              ) -> list[tuple[Plan, Verdict]]:
+    """`guard` for several budgets with one measurement call (one batch of rows per sample for all of them)."""
+    pools = [distinct(c) for c in frontier]
+    flat = [plan for pool in pools for plan in pool.values()]
+    per_sample = np.asarray(measure(flat), dtype=np.float64)
+    out, start = [], 0
+    for candidates, pool in zip(frontier, pools):
+        width = len(pool)
+        block = per_sample[:, start : start + width]
+        start += width
+        out.append(guard(candidates, lambda _plans, block=block: block, data_hash))
+    return out
+
+
+def held_out(items: Sequence, used_ids: Sequence[str], n: int, source: str) -> list:
+    """The first `n` items of `source` that calibration did not use, taken round-robin across categories.
+
+    InputError naming the fix when none is left: a guard judged on the calibration samples themselves would favour
+    the solved plan, which was fitted to them."""
+    from polykv.calibrate import round_robin
+
+    if n < 1:
+        raise InputError(f"--guard-samples must be at least 1, got {n}; or pass --no-guard")
+    used = set(used_ids)
+    left = [item for item in round_robin(list(items)) if item.id not in used]
+    if not left:
+        raise InputError(f"every sample of {source} was used to calibrate, none is left to judge plans on; pass "
+                         "--guard-data with other samples, calibrate on fewer (--samples), or pass --no-guard")
+    return left[:n]
+
+
+def on_shipped_set(sample_ids: Sequence[str]) -> bool:
+    """Whether a calibration used only samples of the shipped calibration set (by id)."""
+    from polykv.calibrate import default_data_path as calibration_path
+    from polykv.data import load_samples
+
+    path = calibration_path()
+    return bool(sample_ids) and path.is_file() and set(sample_ids) <= {s.id for s in load_samples(path)}
+
+
+def default_data_path() -> Path:
+    """The shipped held-out set: samples made like the shipped calibration set, disjoint from it and the suite."""
+    from polykv.calibrate import default_data_path as calibration_path
+
+    return calibration_path().with_name("holdout.jsonl")
+
+
+def model_measure(loaded, items: Sequence, max_context: int | None, on_sample: Callable[[int], None] | None = None
+                  ) -> Measure:
+    """Prefill each item once and return the measurement the guard needs: plans -> (samples, plans) answer KL."""
+    from polykv.answer_loss import Objective, prepare_samples
+
+    objective = Objective(loaded.model, prepare_samples(loaded, list(items), max_context, on_sample))
+    return lambda plans: objective.per_sample([choices(p) for p in plans])
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Where the guard's samples come from and how many judge (`polykv solve --guard-*`)."""
+
+    data: Path | None = None  # JSONL of samples; None: the shipped held-out set
+    samples: int = 8
+    model: str | None = None  # None: the model the calibration names
+    device: str | None = None
+    dtype: str | None = None
+
+
+def guard_plans(table: OptionTable, plans: Sequence[Plan], options: SolveOptions, calibration: Mapping | None,
+                metadata: Mapping, settings: GuardSettings, log: Callable[[str], None] = lambda _m: None
+                ) -> list[tuple[Plan, Verdict]]:
+    """Judge each solved plan against its floor blends and every uniform policy; the kept plan and the verdict.
+
+    `metadata` is the calibration's metadata.json (model, fingerprint, samples used, max context)."""
+    from polykv.data import data_hash, load_samples
+    from polykv.models import load_model
+
+    used = list(metadata.get("sample_ids", []))
+    path = settings.data or default_data_path()
+    if settings.data is None and not on_shipped_set(used):
+        raise InputError("the calibration was not made on the shipped set, so the shipped held-out samples do not "
+                         "speak for its workload; pass --guard-data with samples of that workload (the --data file "
+                         "works: the samples calibration used are skipped), or --no-guard")
+    items = held_out(load_samples(path), used, settings.samples, str(path))
+    loaded = load_model(settings.model or metadata["model"], device=settings.device, dtype=settings.dtype)
+    if loaded.fingerprint != table.fingerprint:
+        raise InputError(f"the guard's model {loaded.name} is not the calibrated one ({table.model}); pass "
+                         "--guard-model with the calibrated model, or --no-guard")
+    log(f"guard: {len(items)} held-out samples from {path}")
+    max_context = (metadata.get("settings") or {}).get("max_context")
+    measure = model_measure(loaded, items, max_context)
+    frontier = [guard_candidates(table, int(p.average_budget), p, options, calibration) for p in plans]
+    return guard_all(frontier, measure, data_hash(items))
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.6g}")

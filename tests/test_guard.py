@@ -1,0 +1,195 @@
+"""The guard of `polykv solve`: candidates, the choice, the measurement on a real (tiny) model, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CAL_ARGS, write_samples
+from polykv.answer_loss import Objective, prepare_samples
+from polykv.data import load_samples
+from polykv.errors import InputError
+from polykv.guard import choices, distinct, guard, guard_all, held_out, judge
+from polykv.models import load_model
+from polykv.plan import Plan
+from polykv.solve.aggregate import aggregate
+from polykv.solve.candidates import SOLVED, guard_candidates, with_floor
+from polykv.solve.constraints import Pin, SolveOptions
+from polykv.solve.runner import solve_plan
+from polykv_cli.main import app
+from test_solve import make_fingerprint, synthetic_curves
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def table():
+    fp = make_fingerprint(num_layers=6)
+    return aggregate(synthetic_curves(fp, samples=3), fp, "test/model", policy_params={"snapkv": {"window": 8}})
+
+
+# --- candidates ------------------------------------------------------------------------------------------------------
+
+def test_candidates_are_the_plan_its_floor_blends_and_every_uniform_policy(table):
+    solved = solve_plan(table, 64)
+    cands = guard_candidates(table, 64, solved, floors=(0.25, 0.5))
+    assert list(cands) == [SOLVED, "floor:0.25", "floor:0.5", "uniform:h2o", "uniform:snapkv", "uniform:streaming"]
+    assert cands[SOLVED] is solved
+    for name, floor in (("floor:0.25", 16), ("floor:0.5", 32)):
+        plan = cands[name]
+        assert min(l.budget for l in plan.layers) >= floor
+        assert plan.used_budget <= plan.total_budget == solved.total_budget
+        assert plan.predicted_loss >= solved.predicted_loss - 1e-12  # a constrained optimum is never better
+    for policy in ("h2o", "snapkv", "streaming"):
+        assert choices(cands[f"uniform:{policy}"]) == [(policy, 64)] * 6
+
+
+def test_constrained_solves_get_no_uniform_candidates(table):
+    options = SolveOptions(pins={0: Pin("snapkv", 128)})
+    cands = guard_candidates(table, 64, solve_plan(table, 64, options), options)
+    assert not [n for n in cands if n.startswith("uniform:")]
+    assert all(cands[n].layers[0].budget == 128 for n in cands)  # floors never override a pin
+
+
+def test_with_floor_keeps_higher_minimums_and_respects_maximums():
+    options = SolveOptions(min_budget={1: 64}, max_budget={2: 8}, pins={3: Pin("snapkv")})
+    floored = with_floor(options, 4, 16)
+    assert floored.min_budget == {0: 16, 1: 64, 2: 8}
+
+
+# --- the choice ------------------------------------------------------------------------------------------------------
+
+def test_judge_keeps_the_least_loss_and_counts_wins():
+    per = np.array([[0.5, 0.2, 0.4], [0.5, 0.9, 0.3], [0.2, 0.1, 0.35]])  # samples x candidates
+    v = judge(per, [SOLVED, "uniform:a", "uniform:b"], "h")
+    assert v.chosen == "uniform:b" and v.best_uniform == "uniform:b"
+    assert v.losses[SOLVED] == pytest.approx(0.4)
+    assert v.wins == {SOLVED: 1, "uniform:a": 2}
+    prov = v.provenance()
+    assert prov["chosen"] == "uniform:b" and prov["solved_loss"] == 0.4 and prov["samples"] == 3
+    assert prov["best_uniform_loss"] == pytest.approx(0.35)
+    assert judge(np.ones((2, 2)), [SOLVED, "uniform:a"]).chosen == SOLVED  # a tie keeps the solved plan
+
+
+def test_a_plan_worse_than_a_uniform_policy_is_replaced(table):
+    solved = solve_plan(table, 32)
+    cands = guard_candidates(table, 32, solved, floors=())
+    names = list(distinct(cands))
+    # the measurement says the solved plan loses to uniform streaming on every sample
+    fake = {n: (0.1 if n == "uniform:streaming" else 1.0) for n in names}
+    plan, verdict = guard(cands, lambda plans: np.array([[fake[n] for n in names]] * 4))
+    assert verdict.chosen == "uniform:streaming"
+    assert choices(plan) == [("streaming", 32)] * 6
+    assert plan.provenance["guard"]["chosen"] == "uniform:streaming"
+    assert plan.provenance["guard"]["losses"][SOLVED] == 1.0
+    Plan.from_dict(json.loads(plan.to_json()))  # still a valid plan file
+
+
+def test_guard_all_measures_every_budget_in_one_call_and_splits_it(table):
+    frontier = [guard_candidates(table, b, solve_plan(table, b)) for b in (32, 64)]
+    calls = []
+
+    def measure(plans):
+        calls.append(len(plans))
+        # loss = the plan's mean budget: the cheapest candidate wins at each budget
+        return np.array([[np.mean([l.budget for l in p.layers]) for p in plans]])
+
+    out = guard_all(frontier, measure)
+    assert calls == [sum(len(distinct(c)) for c in frontier)]
+    for (plan, verdict), cands in zip(out, frontier):
+        expected = min(distinct(cands), key=lambda n: np.mean([l.budget for l in cands[n].layers]))
+        assert verdict.chosen == expected and plan.average_budget == cands[SOLVED].average_budget
+
+
+def test_repeated_candidates_are_measured_once_and_share_the_loss(table):
+    solved = solve_plan(table, 32)
+    cands = {SOLVED: solved, "floor:0.1": solved, "uniform:snapkv": guard_candidates(table, 32, solved)["uniform:snapkv"]}
+    seen = []
+    plan, v = guard(cands, lambda plans: seen.append(len(plans)) or np.array([[0.3, 0.2]]))
+    assert seen == [2] and v.losses["floor:0.1"] == v.losses[SOLVED] == pytest.approx(0.3)
+    assert v.chosen == "uniform:snapkv"
+    twin = {SOLVED: solved, "uniform:x": solved}  # a solved plan that is a uniform plan ties with it and stays solved
+    plan, v = guard(twin, lambda plans: np.array([[0.3], [0.1]]))
+    assert v.chosen == SOLVED and v.best_uniform == "uniform:x" and v.wins == {SOLVED: 0}
+
+
+def test_held_out_skips_calibrated_samples_and_needs_one(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_samples(path, n=4)
+    items = load_samples(path)
+    assert [s.id for s in held_out(items, ["s0", "s1"], 8, str(path))] == ["s2", "s3"]
+    assert [s.id for s in held_out(items, [], 1, str(path))] == ["s0"]
+    with pytest.raises(InputError, match="none is left to judge plans on; pass --guard-data"):
+        held_out(items, [s.id for s in items], 8, str(path))
+    with pytest.raises(InputError, match="--guard-samples must be at least 1"):
+        held_out(items, [], 0, str(path))
+
+
+# --- on a real model, through the CLI ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_hf_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("guard")
+    data = root / "data.jsonl"
+    write_samples(data, n=5, seed=3)
+    cal = root / "cal"
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_hf_dir), "--data", str(data), "--samples", "2",
+                                 "--out", str(cal), *CAL_ARGS])
+    assert result.exit_code == 0, result.output
+    return root, data, cal
+
+
+def test_solve_guards_by_default_and_records_what_it_measured(tiny_hf_dir, calibrated):
+    root, data, cal = calibrated
+    out = root / "plans"
+    result = runner.invoke(app, ["solve", "-c", str(cal), "--budgets", "8,16", "--out", str(out),
+                                 "--guard-data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "guard" in result.stdout and "3 held-out samples" in result.stderr
+    # the losses recorded are the whole-model answer KL of each plan on the 3 samples calibration did not use
+    loaded = load_model(str(tiny_hf_dir))
+    items = [s for s in load_samples(data) if s.id not in json.loads((cal / "metadata.json").read_text())["sample_ids"]]
+    objective = Objective(loaded.model, prepare_samples(loaded, items, 256))
+    for budget in (8, 16):
+        plan = Plan.load(out / f"avg{budget}.json")
+        g = plan.provenance["guard"]
+        assert g["samples"] == 3 and g["best_uniform"].startswith("uniform:")
+        assert {"solved", "uniform:snapkv", "uniform:streaming", "uniform:knorm"} <= set(g["losses"])
+        assert g["chosen_loss"] == min(g["losses"].values())
+        assert objective([choices(plan)])[0] == pytest.approx(g["chosen_loss"], rel=1e-4, abs=1e-7)
+    shown = runner.invoke(app, ["plan", "show", str(out / "avg8.json")])
+    assert shown.exit_code == 0 and "guard" in shown.stdout and "best uniform" in shown.stdout
+
+
+def test_guard_with_no_held_out_sample_is_one_clear_line_and_writes_nothing(calibrated, tmp_path):
+    _, data, cal = calibrated
+    used = tmp_path / "used.jsonl"
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    ids = set(json.loads((cal / "metadata.json").read_text())["sample_ids"])
+    used.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] in ids))
+    result = runner.invoke(app, ["solve", "-c", str(cal), "--budget", "8", "--out", str(tmp_path / "p.json"),
+                                 "--guard-data", str(used)])
+    assert result.exit_code == 2
+    assert "none is left to judge plans on" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_guard_needs_data_of_the_workload_it_was_calibrated_on(calibrated, tmp_path):
+    _, _, cal = calibrated  # calibrated on its own samples, not the shipped set: the shipped held-out set won't do
+    result = runner.invoke(app, ["solve", "-c", str(cal), "--budget", "8", "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 2 and "pass --guard-data with samples of that workload" in result.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_guard_refuses_another_model(calibrated, tmp_path):
+    from conftest import save_tiny_hf
+
+    other = save_tiny_hf(tmp_path / "other", layers=2)
+    _, data, cal = calibrated
+    result = runner.invoke(app, ["solve", "-c", str(cal), "--budget", "8", "--out", str(tmp_path / "p.json"),
+                                 "--guard-data", str(data), "--guard-model", str(other)])
+    assert result.exit_code == 2 and "is not the calibrated one" in result.stderr
+    assert not (tmp_path / "p.json").exists()
