@@ -16,7 +16,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from polykv.evaluate.methods import parse_methods
-from polykv.evaluate.report import task_scores
+from polykv.evaluate.scores import task_scores
 from polykv.solve.aggregate import aggregate
 from polykv.solve.inputs import load_calibration
 

@@ -15,28 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from polykv.errors import InputError
+from polykv.evaluate.prediction import prediction_check
+from polykv.evaluate.scores import select_tasks, task_scores
 from polykv.evaluate.uncertainty import paired_interval
 from polykv.io import atomic_write_json, atomic_write_text
-
-
-def task_scores(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean score per (method, budget, task), and the average over tasks (each task weighs the same)."""
-    df = results.assign(budget=results.budget.fillna(-1).astype(int))
-    per_task = df.groupby(["method", "budget", "task"], as_index=False)["score"].mean()
-    avg = per_task.groupby(["method", "budget"], as_index=False)["score"].mean().assign(task="average")
-    return pd.concat([per_task, avg], ignore_index=True)
-
-
-def select_tasks(results: pd.DataFrame, tasks: list[str] | None) -> pd.DataFrame:
-    """Only these tasks (e.g. the ones a small model can solve with the full cache, or a transfer check's held-out
-    half); an unknown task name is an error, not an empty report."""
-    if not tasks:
-        return results
-    unknown = sorted(set(tasks) - set(results.task))
-    if unknown:
-        raise InputError(f"task(s) {', '.join(unknown)} are not in these results (they have "
-                         f"{', '.join(sorted(results.task.unique()))})")
-    return results[results.task.isin(tasks)]
 
 
 def _gap(plan: float | None, best: float | None, full: float | None) -> float | None:
@@ -288,8 +270,6 @@ def render(out: str | Path, tasks: list[str] | None = None, calibration: str | P
     summ = summary(results, info["model"], tasks)
     cal = info.get("calibration")
     if cal and info.get("methods") and Path(cal).exists():
-        from polykv.evaluate.prediction import prediction_check
-
         summ["prediction"] = prediction_check(select_tasks(results, tasks), info, Path(cal))
     if tasks:
         suffix = "-" + "+".join(sorted(tasks))
