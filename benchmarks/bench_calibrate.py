@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--e2e-layers", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from polykv.calibrate.runner import REFERENCE_OPTIONS, CalibrationConfig, _options, measure_sample
+    from polykv.calibrate.runner import REFERENCE_OPTIONS, CalibrationConfig, calibration_options, measure_sample
     from polykv.calibrate.sensitivity import Option
     from polykv.policies import make_policy
     from polykv.settings import LayerSetting
@@ -63,7 +63,7 @@ def main() -> None:
         for layer in range(lm.model.config.num_hidden_layers):
             e2e_losses(lm.model, prepared, layer, refs, batch=8)
         rows["scaled: reference e2e (all layers)"].append(time.perf_counter() - t)
-        options = _options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
+        options = calibration_options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
         t = time.perf_counter()
         for layer in range(args.e2e_layers):
             e2e_losses(lm.model, prepared, layer, options, batch=8)

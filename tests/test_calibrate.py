@@ -140,14 +140,14 @@ def test_proxy_equals_its_dense_definition():
     computed here densely from the answer queries and keys (no gather, no batching) for every option."""
     import torch
 
-    from polykv.calibrate.runner import _options
+    from polykv.calibrate.runner import calibration_options
     from polykv.calibrate.sample import prepare
     from polykv.calibrate.sensitivity import proxy_losses
 
     lm = tiny_loaded()
     prepared = prepare(lm.model, lm.tokenizer, "alpha beta gamma " * 20 + "The key is 417. " + "delta " * 30,
                        "What is the key?", "417", None, 16)
-    options = _options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
+    options = calibration_options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
     for layer in range(len(prepared.capture.cache.layers)):
         obs = prepared.capture.observation(layer)
         q = prepared.answer_queries[layer][0].double()

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polykv.errors import CalibrationError, InfeasibleError, SolveError
+from polykv.errors import CalibrationError, InfeasibleError, InputError, SolveError
 from polykv.plan import CostModel, Plan, fingerprint_hash
 from polykv.solve import (
     Aggregation,
@@ -417,11 +417,22 @@ def test_allocation_plans_scored_from_table(table):
 def test_parsers():
     assert parse_pins(["0:full", "2-3:snapkv:64"], 4) == {0: Pin("full"), 2: Pin("snapkv", 64), 3: Pin("snapkv", 64)}
     assert parse_layer_values(["32", "1:64"], 3, "--min-budget") == {0: 32, 1: 64, 2: 32}
-    assert parse_budgets("64, 128") == (64, 128)
-    for bad in (lambda: parse_pins(["9:full"], 4), lambda: parse_pins(["x"], 4), lambda: parse_budgets("64,64"),
+    for bad in (lambda: parse_pins(["9:full"], 4), lambda: parse_pins(["x"], 4),
                 lambda: parse_layer_values(["0:-1"], 2, "--max-budget")):
         with pytest.raises(SolveError):
             bad()
+
+
+def test_parse_budgets_sorts_and_names_the_bad_item():
+    assert parse_budgets("64, 128") == (64, 128)
+    assert parse_budgets("256,64,128,") == (64, 128, 256)
+    for text, needle in (("64,128,64", "lists 64 more than once"), ("64,x8", "'x8' is not a whole number"),
+                         ("64,0", "'0' is not positive"), ("64,-8", "'-8' is not positive"),
+                         ("1.5", "'1.5' is not a whole number"), (" , ", "needs a comma-separated list")):
+        with pytest.raises(InputError, match=needle):
+            parse_budgets(text)
+    with pytest.raises(InputError, match="--lengths: 'a'"):
+        parse_budgets("a", "--lengths")
 
 
 # --- end to end ------------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         from polykv.distributed import Dist
         from polykv.models import load_model
         from polykv.policies import policy_names
+        from polykv.solve.constraints import parse_budgets
 
         if data is not None and dataset is not None:
             fail("pass either --data or --dataset, not both")
@@ -57,10 +58,7 @@ def register(app: typer.Typer) -> None:
             if samples < 1:
                 fail("--samples must be at least 1")
             items = select_samples(items, samples)
-        try:
-            grid = tuple(int(b) for b in _csv(budgets)) if budgets else None
-        except ValueError:
-            fail(f"--budgets {budgets!r} must be a comma list of integers, e.g. 16,64,256")
+        grid = parse_budgets(budgets) if budgets is not None else None
         config = CalibrationConfig(
             policies=tuple(_csv(policies) or policy_names()), budgets=grid, measure=measure,
             max_context=max_context, e2e_batch=e2e_batch,

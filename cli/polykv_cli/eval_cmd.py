@@ -37,8 +37,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m", "--model", "-m"),
         tasks: Optional[Path] = typer.Option(None, "--tasks", help="A task JSONL file or a directory of them."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="LongBench-format HF dataset NAME[:CONFIG]."),
-        budgets: str = typer.Option("64,128,256,512", "--budgets"),
-        methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="full,uniform:<policy>|uniform:*,pyramid,plan[:PATH]"),
+        budgets: str = typer.Option("64,128,256,512", "--budgets", help="Comma list of average budgets."),
+        methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma list of: full, uniform:POLICY, uniform:* (every policy), "
+                             "pyramid, plan[:PATH], plan-NAME:PATH."),
         mode: str = typer.Option("query-aware", "--mode", help="query-aware | context-only"),
         limit: Optional[int] = typer.Option(None, "--limit", help="At most N instances per task."),
         max_context: int = typer.Option(4096, "--max-context"),
@@ -58,7 +59,6 @@ def register(app: typer.Typer) -> None:
         import pyarrow.parquet as pq
 
         from polykv.errors import InputError
-        from polykv.evaluate.engine import MODES
         from polykv.evaluate.progress import clear_progress, load_progress, save_progress
         from polykv.evaluate.methods import parse_methods
         from polykv.evaluate.report import render
@@ -66,17 +66,14 @@ def register(app: typer.Typer) -> None:
         from polykv.evaluate.tasks import load_tasks
         from polykv.evaluate.workers import EvalJob, run_instances
         from polykv.io import atomic_write, atomic_write_json
+        from polykv.prompts import MODES
+        from polykv.solve.constraints import parse_budgets
 
         if workers < 1:
             fail(f"--workers {workers} must be at least 1")
         if mode not in MODES:
-            fail(f"unknown --mode {mode!r}; use query-aware or context-only")
-        try:
-            grid = sorted({int(b) for b in budgets.split(",") if b.strip()})
-        except ValueError:
-            fail(f"--budgets {budgets!r} must be a comma list of integers")
-        if not grid or grid[0] < 1:
-            fail("--budgets needs positive integers")
+            fail(f"unknown --mode {mode!r}; use {' or '.join(MODES)}")
+        grid = list(parse_budgets(budgets))
         if tasks is not None and dataset is not None:
             fail("pass either --tasks or --dataset, not both")
         if dataset is not None:
@@ -167,7 +164,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             sys.stdout.write(json.dumps(summ) + "\n")
             return
-        out.print((out_dir / "report.md").read_text(), markup=False, highlight=False)
+        out.print((out_dir / "report.md").read_text(), markup=False, highlight=False, soft_wrap=True)
 
     @app.command()
     @one_line_errors

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 from torch import nn
 from transformers.cache_utils import Cache
 
-from polykv.attention import _new_tokens, polykv_attention
+from polykv.attention import forward_input, polykv_attention
 from polykv.cache import PolyKVCache
 from polykv.compat import cache_key_in
 from polykv.settings import LayerSetting, from_layer_dicts, from_plan, load_settings, uniform
@@ -55,7 +55,7 @@ def apply(model: nn.Module, plan_or_policy) -> Iterator[list[LayerSetting]]:
         key = cache_key_in(kwargs, model)
         cache = kwargs.get(key)
         empty = cache is None or (isinstance(cache, Cache) and not isinstance(cache, PolyKVCache) and cache.get_seq_length() == 0)
-        if empty and kwargs.get("use_cache", True) is not False and _new_tokens(args, kwargs) is not None:
+        if empty and kwargs.get("use_cache", True) is not False and forward_input(args, kwargs) is not None:
             kwargs[key] = PolyKVCache.for_config(model.config, settings=settings)
         return args, kwargs
 

@@ -32,6 +32,12 @@ CACHE_KWARG = "polykv_cache"
 BASES = ("sdpa", "eager")
 
 
+def softmax_scale(query: Tensor, scaling: float | None) -> float:
+    """The logit scale of an attention call: the module's own `scaling` when it passes one (e.g. Gemma's
+    query_pre_attn_scalar ** -0.5), else sdpa's default 1 / sqrt(head_dim) of `query` (..., head_dim)."""
+    return float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+
+
 def _base_function(base: str, module: nn.Module) -> Callable:
     if base == "sdpa":
         return sdpa_attention_forward
@@ -50,9 +56,9 @@ def _make_wrapper(base: str) -> Callable:
         if isinstance(cache, SharedPrefixCache):
             if kwargs.get("s_aux") is not None:
                 raise NotImplementedError("attention sinks (s_aux) are not supported by a shared-prefix batch")
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            scaling = softmax_scale(query, kwargs.get("scaling"))
             layer = cache.layers[module.layer_idx]
-            return shared_prefix_attention(layer, query, float(scaling), kwargs.get("softcap")), None
+            return shared_prefix_attention(layer, query, scaling, kwargs.get("softcap")), None
         layer = cache.layers[module.layer_idx]
         if layer.fresh:
             out = fn(module, query, key, value, attention_mask, **kwargs)
@@ -84,16 +90,16 @@ def _make_wrapper(base: str) -> Callable:
 def _decode_kernel(query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> Tensor:
     """One-token attention over the whole stored cache with the flash-decoding kernel; (B, 1, Hq, D) like sdpa."""
     lengths = torch.full(key.shape[:2], key.shape[2], dtype=torch.int32, device=key.device)
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    out = kernels.decode_attention(query[:, :, 0], key, value, lengths, float(scaling), kwargs.get("softcap"))
+    scaling = softmax_scale(query, kwargs.get("scaling"))
+    out = kernels.decode_attention(query[:, :, 0], key, value, lengths, scaling, kwargs.get("softcap"))
     return out.unsqueeze(1).to(query.dtype)
 
 
 def _masked_decode(query: Tensor, key: Tensor, value: Tensor, visible: Tensor, kwargs: dict) -> Tensor:
     """One-token attention under a (B, Hkv or 1, 1, N) visibility mask, grouped by KV head; (B, 1, Hq, D)."""
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    scaling = softmax_scale(query, kwargs.get("scaling"))
     out = kernels.reference.masked_decode_attention(
-        query[:, :, 0], key, value, visible[:, :, 0], float(scaling), kwargs.get("softcap")
+        query[:, :, 0], key, value, visible[:, :, 0], scaling, kwargs.get("softcap")
     )
     return out.unsqueeze(1).to(query.dtype)
 
@@ -110,7 +116,7 @@ def cache_after_prefill(cache: PolyKVCache, layer_idx: int, query: Tensor, scali
     valid = cache.column_valid
     if valid is None:
         valid = torch.ones(query.shape[0], layer.seen, dtype=torch.bool, device=query.device)
-    scaling = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    scaling = softmax_scale(query, scaling)
     if cache.observer is not None:
         cache.observer.record(layer_idx, layer, query, scaling, softcap, valid)
     if setting is not None:
@@ -149,7 +155,9 @@ def _inject_cache(module, args, kwargs):
     return args, kwargs
 
 
-def _new_tokens(args, kwargs) -> Tensor | None:
+def forward_input(args, kwargs) -> Tensor | None:
+    """The new tokens a model forward receives (`input_ids`, else `inputs_embeds`, else the first positional
+    argument), or None; shape (batch, new tokens, ...)."""
     x = kwargs.get("input_ids")
     if x is None:
         x = kwargs.get("inputs_embeds")
@@ -160,7 +168,7 @@ def _new_tokens(args, kwargs) -> Tensor | None:
 
 def _track_padding(module, args, kwargs):
     cache = cache_in(kwargs)
-    x = _new_tokens(args, kwargs)
+    x = forward_input(args, kwargs)
     if isinstance(cache, PolyKVCache) and x is not None:
         cache.track_padding(kwargs.get("attention_mask"), x.shape[1], x.shape[0], x.device)
     return args, kwargs

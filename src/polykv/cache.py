@@ -20,6 +20,32 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def append_tokens(buffer: Tensor | None, stored: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
+    """`stored` followed by `new` along the sequence (dim 2): (the buffer holding them, a view of its filled part).
+
+    Decoding appends a token per step; copying the whole cache each time would cost O(length) per token. So entries
+    live in a buffer with slack: when `stored` is the start of `buffer` (a view of it, or empty) and the buffer has
+    room, `new` is written in place; otherwise a fresh buffer of the filled size plus max(64, 1/8 of it) is allocated
+    and `stored` copied into it. A tensor set from elsewhere (compression, stacking) is thus never written through,
+    so buffers are never shared between layers.
+    """
+    n, m = stored.shape[2], new.shape[2]
+    fits = (
+        buffer is not None
+        and buffer.shape[2] >= n + m
+        and buffer.shape[:2] == stored.shape[:2]
+        and buffer.shape[3:] == stored.shape[3:]
+        and (n == 0 or buffer.data_ptr() == stored.data_ptr())
+    )
+    if not fits:
+        shape = list(stored.shape)
+        shape[2] = n + m + max(64, (n + m) // 8)
+        buffer = stored.new_empty(shape)
+        buffer[:, :, :n] = stored
+    buffer[:, :, n : n + m] = new
+    return buffer, buffer[:, :, : n + m]
+
+
 class SeenColumnsLayer(CacheLayerMixin):
     """A transformers cache layer whose positions and mask sizes follow `seen` (every column the model has been fed,
     kept or not), however few entries it holds: eviction must not shift positions."""
@@ -78,22 +104,9 @@ class PolyKVLayer(SeenColumnsLayer):
         return self.keys, self.values
 
     def _append(self, name: str, new: Tensor) -> None:
-        """Append along the sequence into a buffer with slack, so decoding does not copy the cache every step.
-
-        `self.<name>` stays a view of the first n entries; a tensor set from outside (compression, stacking) is
-        copied into a fresh buffer on its first append, so buffers are never shared between layers.
-        """
-        cur = getattr(self, name)
-        buf = self._buffers.get(name)
-        n, m = cur.shape[2], new.shape[2]
-        if buf is None or buf.data_ptr() != cur.data_ptr() or buf.shape[2] < n + m or buf.shape[:2] != cur.shape[:2]:
-            shape = list(cur.shape)
-            shape[2] = n + m + max(64, (n + m) // 8)
-            buf = cur.new_empty(shape)
-            buf[:, :, :n] = cur
-            self._buffers[name] = buf
-        buf[:, :, n : n + m] = new
-        setattr(self, name, buf[:, :, : n + m])
+        """Append to `self.<name>` in place when it can (`append_tokens`); it stays a view of its buffer."""
+        self._buffers[name], view = append_tokens(self._buffers.get(name), getattr(self, name), new)
+        setattr(self, name, view)
 
     def keep(self, indices: Tensor, entry_valid: Tensor | None = None) -> None:
         """Keep only `indices` (B, Hkv, K) of the stored tokens (from `policies.select`)."""

@@ -16,6 +16,11 @@ from torch import Tensor
 
 from polykv.errors import InputError
 
+#: How a prompt is compressed: `query-aware` prefills context and question together, then compresses (the question
+#: steers attention-based policies); `context-only` prefills and compresses the context alone, then feeds the
+#: question as a chunk (the prefix-caching case).
+MODES = ("query-aware", "context-only")
+
 _SENTINEL = "\u2063POLYKV_QUESTION\u2063"
 
 

@@ -13,10 +13,8 @@ from polykv.compat import output_cache, with_cache
 from polykv.errors import InputError
 from polykv.generation import decode_text, eos_ids, greedy
 from polykv.models import LoadedModel
-from polykv.prompts import check_fits, encode
+from polykv.prompts import MODES, check_fits, encode
 from polykv.settings import LayerSetting
-
-MODES = ("query-aware", "context-only")
 
 
 @dataclass

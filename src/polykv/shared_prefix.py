@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from polykv.cache import PolyKVCache, SeenColumnsLayer
+
+from polykv.cache import PolyKVCache, SeenColumnsLayer, append_tokens
 
 
 class SharedPrefixLayer(SeenColumnsLayer):
@@ -50,14 +51,9 @@ class SharedPrefixLayer(SeenColumnsLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Append the rows' new tokens; returns only the new-token part (the prefix is read from the layer)."""
-        n, m = self.new, key_states.shape[2]
-        if n + m > self._key_buf.shape[2]:
-            size = n + m + max(64, n + m)
-            self._key_buf, self._value_buf = _grown(self._key_buf, n, size), _grown(self._value_buf, n, size)
-        self._key_buf[:, :, n : n + m] = key_states
-        self._value_buf[:, :, n : n + m] = value_states
-        self.new = n + m
-        self.keys, self.values = self._key_buf[:, :, : self.new], self._value_buf[:, :, : self.new]
+        self._key_buf, self.keys = append_tokens(self._key_buf, self.keys, key_states)
+        self._value_buf, self.values = append_tokens(self._value_buf, self.values, value_states)
+        self.new += key_states.shape[2]
         return self.keys, self.values
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -67,13 +63,6 @@ class SharedPrefixLayer(SeenColumnsLayer):
         self._key_buf = self._key_buf.index_select(0, idx)
         self._value_buf = self._value_buf.index_select(0, idx)
         self.keys, self.values = self._key_buf[:, :, : self.new], self._value_buf[:, :, : self.new]
-
-
-def _grown(buf: Tensor, filled: int, size: int) -> Tensor:
-    """A (B, H, size, D) buffer holding `buf`'s first `filled` entries along the sequence."""
-    out = buf.new_empty(*buf.shape[:2], size, buf.shape[3])
-    out[:, :, :filled] = buf[:, :, :filled]
-    return out
 
 
 class SharedPrefixCache(PolyKVCache):

@@ -83,7 +83,8 @@ class SampleResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _options(config: CalibrationConfig, prompt_tokens: int) -> list[Option]:
+def calibration_options(config: CalibrationConfig, prompt_tokens: int) -> list[Option]:
+    """Every (policy, budget) option a sample of `prompt_tokens` tokens is measured at, per layer."""
     opts = []
     for name in config.policies:
         policy = make_policy(name)
@@ -94,7 +95,7 @@ def _options(config: CalibrationConfig, prompt_tokens: int) -> list[Option]:
 
 def measure_sample(model, prepared: PreparedSample, config: CalibrationConfig, tick: Callable[[int], None] | None = None):
     """Curve rows and statistics rows (as tuples) for one prepared sample, and the seconds each part took."""
-    options = _options(config, prepared.prompt_tokens)
+    options = calibration_options(config, prepared.prompt_tokens)
     curves, stats, seconds = [], [], {"proxy": 0.0, "e2e": 0.0, "statistics": 0.0}
     for layer in range(prepared.capture.num_layers):
         t = time.perf_counter()
@@ -258,7 +259,7 @@ def calibrate(
         )
         t1 = time.perf_counter()
         if on_sample:
-            on_sample(index, len(_options(config, prepared.prompt_tokens)) * prepared.capture.num_layers)
+            on_sample(index, len(calibration_options(config, prepared.prompt_tokens)) * prepared.capture.num_layers)
         curves, stats, seconds = measure_sample(loaded.model, prepared, config, on_progress)
         _write_parquet(out / "statistics" / part, _rows(loaded.name, fp_hash, sample, stats))
         maybe_crash(f"between-parts:{index}")

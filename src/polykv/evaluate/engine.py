@@ -28,8 +28,6 @@ from polykv.prompts import encode
 from polykv.shared_prefix import has_sinks, shareable, shared_batch
 from polykv.settings import LayerSetting
 
-MODES = ("query-aware", "context-only")
-
 
 @dataclass
 class Job:

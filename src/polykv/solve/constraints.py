@@ -6,6 +6,8 @@
 - min_budget / max_budget per layer (`N` for every layer, `L:N` or `A-B:N` for some; later specs win); on a sliding
   layer a minimum above the window means "the window";
 - max_policies: at most K distinct policies in the plan (`full` pins do not count).
+
+`parse_budgets` is also the one parser of every command's `--budgets` list (calibrate, solve, refine, eval).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from polykv.errors import SolveError
+from polykv.errors import InputError, SolveError
 
 SOLVERS = ("auto", "dp", "ilp")
 
@@ -117,15 +119,28 @@ def parse_layer_values(specs: Iterable[str], num_layers: int, what: str) -> dict
     return out
 
 
-def parse_budgets(text: str) -> tuple[int, ...]:
-    """`64,128,256` -> (64, 128, 256); duplicates are an error."""
+def parse_budgets(text: str, option: str = "--budgets") -> tuple[int, ...]:
+    """`64,128,256` -> (64, 128, 256): the integer list of every command's `--budgets` (or another `option`).
+
+    One rule everywhere: items are comma-separated whole numbers >= 1 (spaces allowed) and come back sorted; an
+    empty list, a bad item or a repeated item is an error naming it (a repeat is more likely a typo than intent).
+    """
     items = [t for t in (s.strip() for s in text.split(",")) if t]
     if not items:
-        raise SolveError("--budgets needs a comma-separated list, e.g. --budgets 64,128,256")
-    budgets = tuple(_positive_int(t, "--budgets") for t in items)
-    if len(set(budgets)) != len(budgets):
-        raise SolveError(f"--budgets {text} repeats a budget; list each once")
-    return budgets
+        raise InputError(f"{option} needs a comma-separated list of whole numbers, e.g. {option} 64,128,256")
+    values = []
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            raise InputError(f"{option}: {item!r} is not a whole number; pass e.g. {option} 64,128,256") from None
+        if value < 1:
+            raise InputError(f"{option}: {item!r} is not positive; every item must be >= 1")
+        values.append(value)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise InputError(f"{option} {text.strip()} lists {', '.join(map(str, repeated))} more than once; list each once")
+    return tuple(sorted(values))
 
 
 def parse_weights(text: str | None) -> dict[str, float] | None:
