@@ -7,12 +7,37 @@ import sys
 from typing import Callable, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from polykv.errors import PolyKVError
 
-out = Console()
-err = Console(stderr=True)
+#: The least width of output that goes to a file or a pipe (`polykv eval ... | tee log`, `polykv plan show X | cat`):
+#: rich would lay tables out for 80 columns (or $COLUMNS) and cut or wrap cells mid-word (a policy name, a path);
+#: a log has no width, so it gets lines as long as the content needs, up to this.
+PIPE_WIDTH = 240
+
+
+class CliConsole(Console):
+    """A rich Console that uses the terminal's width on a terminal and at least `PIPE_WIDTH` columns elsewhere.
+
+    Decided at each print from the stream it writes to then (so a test runner's captured stdout counts as a pipe).
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        isatty = getattr(self.file, "isatty", None)
+        if isatty is not None and isatty():
+            return size
+        return ConsoleDimensions(max(size.width, PIPE_WIDTH), size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+out = CliConsole()
+err = CliConsole(stderr=True)
 F = TypeVar("F", bound=Callable)
 
 
