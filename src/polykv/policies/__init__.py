@@ -1,7 +1,21 @@
 """Eviction policies: one small frozen dataclass per file, registered here by name.
 
-To add a policy: write `policies/<name>.py` with a `Policy` subclass (class attribute `name`, fields = parameters
-with documented defaults, a `score()`), and add it to `_POLICIES` below.
+Adding a policy, everything to touch:
+
+1. `src/polykv/policies/<name>.py`: a `Policy` subclass (see `policies.base`) with the class attribute `name`,
+   its parameters as dataclass fields with defaults (they are stored in plans), `score()`, and `window_size` /
+   `queries_needed()` / `needs_cumulative` / `budget_dependent` if it reads window queries, cumulative attention or
+   the budget. Module docstring: what it keeps and why.
+2. `_POLICIES` below: import the class and append it. Registry order is the order of `policy_names()` (calibration,
+   `eval --methods uniform:*`, report colours), so append rather than insert.
+3. `tests/test_policies.py`: a brute-force reference in `REFERENCES` (plain loops over the eager model's attention,
+   queries, keys and values; one or more parameter sets), and the name in `test_registry_names`. A registered
+   policy without a reference fails `test_every_registered_policy_has_a_reference`; the per-policy tests of
+   test_policies.py and test_cache.py are driven by `policy_names()`.
+4. Docs: the policy table in README.md ("Policies") and the list in docs/plan-format.md (`policy`); a colour in
+   `POLICY_COLORS` in cli/polykv_cli/plan_cmd.py (optional: unknown names get a spare one).
+5. Plans: calibrations measure every registered policy by default, so a new policy reaches the checked-in plans
+   only after `make plans` recalibrates and re-solves them.
 """
 
 from __future__ import annotations
