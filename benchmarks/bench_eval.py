@@ -86,7 +86,7 @@ def main() -> None:
         f"partition ({'+'.join(str(len(g)) for g in chosen)} rows)": chosen,
         "one batch": [list(range(len(jobs)))],
         "one batch per budget": list(by_budget.values()),
-        "batches of 16 by total width (the engine before session 3)": [
+        "batches of 16 by total width (before cost-based batching)": [
             order[i : i + 16] for order in [sorted(range(len(jobs)), key=lambda j: sum(widths[j]))]
             for i in range(0, len(jobs), 16)],
     }

@@ -1,6 +1,6 @@
 """Time `polykv solve` on synthetic calibration curves and print a Markdown table (for BENCHMARKS.md).
 
-Targets (issue 4): < 1 s for 32 layers x 8 policies x 16 budgets, < 5 s for 80 layers x 12 policies x 32 budgets.
+Targets: < 1 s for 32 layers x 8 policies x 16 budgets, < 5 s for 80 layers x 12 policies x 32 budgets.
 Each case times aggregation of the tidy curves (in memory, no Parquet I/O), the DP solve, the ILP solve and the whole
 `aggregate + solve_plan` path, as the median of a few runs.
 

@@ -9,7 +9,7 @@ variants on the instances the plan fails, next to the plan and the full cache:
     polykv eval --model smollm2-135m --tasks <failing instances> --budgets 256 --methods "$(cat runs/ablate/methods)"
 
 If no single layer, nor any group, restores the answer, the loss is spread over many layers: the per-layer
-(additive) losses the solver adds up cannot see it (BENCHMARKS.md, session 7).
+(additive) losses the solver adds up cannot see it (BENCHMARKS.md, "Where multikey answers are lost at 256").
 """
 
 from __future__ import annotations

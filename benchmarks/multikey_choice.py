@@ -4,11 +4,13 @@ Each multikey instance hides 8 "The special magic number for <key> is <7 digits>
 wrong answer that is another needle's value means the model read the needles but bound the wrong key; "neither"
 means the value was not read (typically evicted). Run on evaluation directories and the task files they used:
 
-    python benchmarks/multikey_choice.py benchmarks/results/smollm2-v9=src/polykv/evaluate/suite/data \
-        benchmarks/results/smollm2-rep-s11=runs/s11/rep --methods full,plan,uniform:snapkv_forward
+    python benchmarks/multikey_choice.py \
+        benchmarks/results/smollm2-suite3-mixedq75-plans=src/polykv/evaluate/suite/data \
+        benchmarks/results/smollm2-rep3-headline=runs/rep --methods full,plan,uniform:snapkv_forward
 
-(runs/s11/rep is the session-11 replication set: `python -m polykv.evaluate.suite.build --out runs/s11/rep --seed
-9000 --tasks passkey multikey_needles code_completion changelog_qa multidoc_retrieval frequent_words --id-prefix rep-`.)
+(runs/rep is the replication set of fresh instances: `python -m polykv.evaluate.suite.build --out runs/rep --seed
+9000 --tasks passkey multikey_needles code_completion changelog_qa multidoc_retrieval frequent_words --id-prefix rep-`.
+BENCHMARKS.md, "Why multikey at 256 goes to the uniform policy", has the result.)
 """
 
 from __future__ import annotations

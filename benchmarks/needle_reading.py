@@ -1,4 +1,6 @@
-"""Where does the model read a needle, and which scoring keeps it there? (docs/calibration.md, session 6)
+"""Where does the model read a needle, and which scoring keeps it there?
+
+The measurement behind `snapkv_forward` (docs/calibration.md, "Why SnapKV loses needles on SmolLM2").
 
 For each instance of a retrieval task (the answer must occur verbatim in the context), with the full cache and the
 answer teacher-forced: per layer, the attention the best head of the answer's tokens puts on the answer's tokens in

@@ -1,5 +1,5 @@
 """Where an eval instance's prefill time goes: plain prefill vs the engine's capture, with and without H2O's
-cumulative attention, and a torch profile of the capture (BENCHMARKS.md, session 7).
+cumulative attention, and a torch profile of the capture (BENCHMARKS.md, "Speed, re-measured").
 
     python benchmarks/profile_capture.py --task passkey --threads 2
 """

@@ -12,7 +12,8 @@ Input rows are per sample; the solver needs one number per option. Rules:
   `proxy_anchored` (calibrations with `uniform_e2e_kl` rows) further scales each policy's `proxy_scaled` curves so
   that they sum over layers to the measured whole-model KL of that policy used uniformly (see `anchor_factors`);
   it comes first because its plans beat `proxy_scaled`'s on 5 of 8 (model, budget) points of the held-out suite
-  and on average (BENCHMARKS.md, session 3), most where errors compound across layers (Qwen at 64-128).
+  and on average (BENCHMARKS.md, "Why `proxy_anchored` became the default"), most where errors compound across
+  layers (Qwen at 64-128).
 - whole-layer rows (`head` null) are used; if a table has only per-head rows, heads are averaged per layer first.
 - `full` rows are ignored: `full` keeps the whole context, it is not a budget option (see runner: pins).
 - statistic over samples: `mean` (default), or `quantile:Q` / `max` for a robust plan that guards the bad tail.
