@@ -1,12 +1,19 @@
 """A/B of compress-during-prefill time (`polykv.apply`, budget 256, 2048-token prompt, median of 3) between two
 checkouts: `python benchmarks/ab_prefill.py <checkout root>` (run it for each; the package is imported from there).
 """
-import sys, time, json, statistics, torch
+
+import statistics
+import sys
+import time
+
+import torch
+
 torch.set_num_threads(2)
 sys.path.insert(0, sys.argv[1] + "/src")
 import polykv
-from polykv.models import load_model
 from polykv.apply import apply
+from polykv.models import load_model
+
 assert polykv.__file__.startswith(sys.argv[1]), polykv.__file__
 lm = load_model("smollm2-135m")
 text = (__import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "passkey.txt").read_text() * 2

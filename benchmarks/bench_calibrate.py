@@ -32,12 +32,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from polykv.calibrate.runner import REFERENCE_OPTIONS, CalibrationConfig, calibration_options, measure_sample
-    from polykv.calibrate.sensitivity import Option
+    from polykv.calibrate.sample import prepare
+    from polykv.calibrate.sensitivity import Option, e2e_losses
+    from polykv.models import load_model
     from polykv.policies import make_policy
     from polykv.settings import LayerSetting
-    from polykv.calibrate.sample import prepare
-    from polykv.calibrate.sensitivity import e2e_losses
-    from polykv.models import load_model
 
     lm = load_model("smollm2-135m")
     sample = json.loads(Path("calibration_data/default.jsonl").read_text().splitlines()[8])  # prose retrieval
@@ -45,8 +44,13 @@ def main() -> None:
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]
     context = lm.tokenizer.decode(ids[0])
     load0 = os.getloadavg()
-    rows: dict[str, list[float]] = {"plain prefill": [], "prepare": [], "proxy + statistics": [],
-                                    "scaled: reference e2e (all layers)": [], "e2e (measured layers)": []}
+    rows: dict[str, list[float]] = {
+        "plain prefill": [],
+        "prepare": [],
+        "proxy + statistics": [],
+        "scaled: reference e2e (all layers)": [],
+        "e2e (measured layers)": [],
+    }
     refs = [Option(name, b, LayerSetting(make_policy(name), b)) for name, b in REFERENCE_OPTIONS]
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -71,7 +75,9 @@ def main() -> None:
     load1 = os.getloadavg()
     layers = lm.model.config.num_hidden_layers
     med = {k: statistics.median(v) for k, v in rows.items()}
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l), "?")
+    cpu = next(
+        (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l), "?"
+    )
     print(f"### Calibration cost per sample (SmolLM2-135M, {prepared.prompt_tokens}-token prompt)\n")
     print(f"- machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
     print(f"- load average before / after: {load0[0]:.2f} / {load1[0]:.2f}")
@@ -85,7 +91,9 @@ def main() -> None:
     print(f"| **proxy sample total** (prepare + proxy) | {proxy_total:.2f} | {proxy_total / base:.2f} |")
     scaled_total = proxy_total + med["scaled: reference e2e (all layers)"]
     print(f"| **scaled sample total** (proxy + reference e2e) | {scaled_total:.2f} | {scaled_total / base:.2f} |")
-    print(f"| **e2e sample total** (extrapolated from {args.e2e_layers} of {layers} layers) | {e2e_total:.1f} | {e2e_total / base:.1f} |")
+    print(
+        f"| **e2e sample total** (extrapolated from {args.e2e_layers} of {layers} layers) | {e2e_total:.1f} | {e2e_total / base:.1f} |"
+    )
     print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

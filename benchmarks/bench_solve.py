@@ -26,27 +26,42 @@ from polykv.solve import SolveOptions, aggregate, solve_plan
 CASES = ((32, 8, 16, 128), (80, 12, 32, 256))  # layers, policies, budgets, average budget
 
 
-def synthetic_curves(layers: int, policies: int, budgets: int, samples: int, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+def synthetic_curves(
+    layers: int, policies: int, budgets: int, samples: int, seed: int = 0
+) -> tuple[pd.DataFrame, dict]:
     """Tidy curves with loss = scale x difficulty x exp(-budget / tau), on a grid of multiples of 32 tokens."""
     rng = np.random.default_rng(seed)
-    fp = {"model_type": "bench", "num_layers": layers, "num_kv_heads": [8] * layers, "head_dim": [128] * layers,
-          "layer_types": ["full_attention"] * layers, "sliding_window": None}
+    fp = {
+        "model_type": "bench",
+        "num_layers": layers,
+        "num_kv_heads": [8] * layers,
+        "head_dim": [128] * layers,
+        "layer_types": ["full_attention"] * layers,
+        "sliding_window": None,
+    }
     grid = 32 * np.arange(1, budgets + 1)
     names = [f"p{i}" for i in range(policies)]
     scale = rng.uniform(0.1, 2.0, (layers, policies, 1, 1))
     tau = rng.uniform(32, 512, (layers, policies, 1, 1))
     difficulty = rng.uniform(0.5, 1.5, (1, 1, 1, samples))
     values = scale * difficulty * np.exp(-grid[None, None, :, None] / tau)  # (L, P, B, S)
-    l, p, b, s = np.meshgrid(np.arange(layers), np.arange(policies), np.arange(budgets), np.arange(samples),
-                             indexing="ij")
-    df = pd.DataFrame({
-        "model": "bench/model", "fingerprint": fingerprint_hash(fp),
-        "sample_id": np.array([f"s{i}" for i in range(samples)])[s.ravel()],
-        "category": np.array(["qa", "code"])[s.ravel() % 2],
-        "layer": l.ravel().astype(np.int32), "head": pd.array([pd.NA] * values.size, dtype="Int32"),
-        "policy": np.array(names)[p.ravel()], "budget": grid[b.ravel()].astype(np.int32),
-        "metric": "proxy_err", "value": values.ravel(),
-    })
+    l, p, b, s = np.meshgrid(
+        np.arange(layers), np.arange(policies), np.arange(budgets), np.arange(samples), indexing="ij"
+    )
+    df = pd.DataFrame(
+        {
+            "model": "bench/model",
+            "fingerprint": fingerprint_hash(fp),
+            "sample_id": np.array([f"s{i}" for i in range(samples)])[s.ravel()],
+            "category": np.array(["qa", "code"])[s.ravel() % 2],
+            "layer": l.ravel().astype(np.int32),
+            "head": pd.array([pd.NA] * values.size, dtype="Int32"),
+            "policy": np.array(names)[p.ravel()],
+            "budget": grid[b.ravel()].astype(np.int32),
+            "metric": "proxy_err",
+            "value": values.ravel(),
+        }
+    )
     return df, fp
 
 
@@ -66,13 +81,19 @@ def main() -> None:
     args = parser.parse_args()
 
     cpu = platform.processor() or platform.machine()
-    print(f"Machine: {platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs; "
-          f"Python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-          f"pandas {pd.__version__}\n")
-    print(f"Command: `python {' '.join(['benchmarks/bench_solve.py', *sys.argv[1:]])}` "
-          f"({args.samples} samples, median of {args.repeat})\n")
-    print("| layers x policies x budgets | avg budget | curve rows | aggregate | DP solve | ILP solve | "
-          "aggregate + DP | target |")
+    print(
+        f"Machine: {platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} CPUs; "
+        f"Python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
+        f"pandas {pd.__version__}\n"
+    )
+    print(
+        f"Command: `python {' '.join(['benchmarks/bench_solve.py', *sys.argv[1:]])}` "
+        f"({args.samples} samples, median of {args.repeat})\n"
+    )
+    print(
+        "| layers x policies x budgets | avg budget | curve rows | aggregate | DP solve | ILP solve | "
+        "aggregate + DP | target |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (layers, policies, budgets, avg), target in zip(CASES, ("< 1 s", "< 5 s")):
         curves, fp = synthetic_curves(layers, policies, budgets, args.samples)
@@ -82,8 +103,10 @@ def main() -> None:
         t_all, _ = timed(lambda: solve_plan(aggregate(curves, fp, "bench/model"), avg), args.repeat)
         if abs(dp.predicted_loss - ilp.predicted_loss) > 1e-9 * max(1.0, abs(dp.predicted_loss)):
             raise SystemExit(f"DP and ILP disagree: {dp.predicted_loss} vs {ilp.predicted_loss}")
-        print(f"| {layers} x {policies} x {budgets} | {avg} | {len(curves):,} | {t_agg:.3f} s | {t_dp:.3f} s | "
-              f"{t_ilp:.3f} s | {t_all:.3f} s | {target} |")
+        print(
+            f"| {layers} x {policies} x {budgets} | {avg} | {len(curves):,} | {t_agg:.3f} s | {t_dp:.3f} s | "
+            f"{t_ilp:.3f} s | {t_all:.3f} s | {target} |"
+        )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", required=True, help="a directory name under benchmarks/generalization")
     ap.add_argument("--out", type=Path, default=Path("runs/generalization"))
     ap.add_argument("--budgets", default="64,128,256,512")
-    ap.add_argument("--own", default="8,16,32", help="calibration sample counts of the own-workload protocol "
-                    "(empty: foreign protocol only)")
+    ap.add_argument(
+        "--own",
+        default="8,16,32",
+        help="calibration sample counts of the own-workload protocol (empty: foreign protocol only)",
+    )
     ap.add_argument("--pool", type=int, default=32, help="calibration pool size; the rest judges the guard")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="at most N evaluation instances per task")
@@ -107,11 +110,38 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             cal = full_cal if n == args.pool else subset_calibration(full_cal, n, work / f"cal-{n}")
             plans = work / f"plans-own{n}"
-            run([polykv, "solve", "-c", str(cal), "--budgets", args.budgets, "--out", str(plans),
-                 "--guard-data", str(guard_file)], log)
+            run(
+                [
+                    polykv,
+                    "solve",
+                    "-c",
+                    str(cal),
+                    "--budgets",
+                    args.budgets,
+                    "--out",
+                    str(plans),
+                    "--guard-data",
+                    str(guard_file),
+                ],
+                log,
+            )
             methods.append(f"plan-own{n}:{plans}")
-    cmd = [polykv, "eval", "--model", args.model, "--tasks", str(family / "eval"), "--budgets", args.budgets,
-           "--methods", ",".join(methods), "--workers", str(args.workers), "--out", str(work / "eval")]
+    cmd = [
+        polykv,
+        "eval",
+        "--model",
+        args.model,
+        "--tasks",
+        str(family / "eval"),
+        "--budgets",
+        args.budgets,
+        "--methods",
+        ",".join(methods),
+        "--workers",
+        str(args.workers),
+        "--out",
+        str(work / "eval"),
+    ]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
     run(cmd, log)

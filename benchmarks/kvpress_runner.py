@@ -151,18 +151,20 @@ def main() -> int:
     except Exception as exc:  # report why, then stop
         send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]})
         return 1
-    send({
-        "ok": True,
-        "hello": {
-            "kvpress": version("kvpress"),
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": sys.executable,
-            "attn": model.config._attn_implementation,
-            "dtype": str(model.dtype),
-        },
-    })
+    send(
+        {
+            "ok": True,
+            "hello": {
+                "kvpress": version("kvpress"),
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "python": sys.executable,
+                "attn": model.config._attn_implementation,
+                "dtype": str(model.dtype),
+            },
+        }
+    )
     for line in sys.stdin:
         line = line.strip()
         if not line:
@@ -176,8 +178,13 @@ def main() -> int:
                 raise ValueError(f"unknown op {req.get('op')!r}")
             send(measure(model, req))
         except Exception as exc:
-            send({"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                  "trace": traceback.format_exc()[-2000:]})
+            send(
+                {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                    "trace": traceback.format_exc()[-2000:],
+                }
+            )
     return 0
 
 

@@ -24,16 +24,17 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=4096)
     args = ap.parse_args()
 
+    from polykv.answer_loss import Objective, prepare_samples
     from polykv.calibrate import default_data_path, round_robin
     from polykv.data import load_samples
     from polykv.models import load_model
     from polykv.plan import Plan
-    from polykv.answer_loss import Objective, prepare_samples
 
     items = round_robin(load_samples(default_data_path()))[: args.samples]
     loaded = load_model(args.model)
-    prepared = prepare_samples(loaded, items, args.max_context,
-                               on_sample=lambda i: print(f"prepared {i + 1}/{len(items)}", file=sys.stderr))
+    prepared = prepare_samples(
+        loaded, items, args.max_context, on_sample=lambda i: print(f"prepared {i + 1}/{len(items)}", file=sys.stderr)
+    )
     plans = [Plan.load(p) for p in args.plans]
     per = Objective(loaded.model, prepared).per_sample([[(l.policy, l.budget) for l in p.layers] for p in plans])
     print(f"command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`\n")

@@ -43,7 +43,9 @@ def main() -> None:
     row = json.loads((SUITE / f"{args.task}.jsonl").read_text().splitlines()[0])
     ids = encode(loaded.tokenizer, row["context"], row["question"]).ids
     model = loaded.model
-    print(f"{args.model}, {row['id']}: {ids.shape[1]} prompt tokens, {args.threads} threads, {model.dtype}, best of {args.repeats}")
+    print(
+        f"{args.model}, {row['id']}: {ids.shape[1]} prompt tokens, {args.threads} threads, {model.dtype}, best of {args.repeats}"
+    )
     with torch.no_grad():
         model(input_ids=ids[:, :256], use_cache=True, logits_to_keep=1)  # warm-up: first-call allocations
         plain = best_of(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), args.repeats)

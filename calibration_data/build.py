@@ -55,8 +55,13 @@ SUITE_DIR = Path(__file__).resolve().parents[1] / "src" / "polykv" / "evaluate" 
 
 
 def _cal(category: str, i: int, context: str, question: str, answer: str) -> Instance:
-    return {"id": f"{category}-{i:02d}", "category": category, "context": context, "question": question,
-            "answers": [answer]}
+    return {
+        "id": f"{category}-{i:02d}",
+        "category": category,
+        "context": context,
+        "question": question,
+        "answers": [answer],
+    }
 
 
 def build_code_qa(n: int, seed: int, part: Partition = CALIBRATION, size: Size = CAL_SIZE) -> list[Instance]:
@@ -73,7 +78,7 @@ def build_code_qa(n: int, seed: int, part: Partition = CALIBRATION, size: Size =
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or names.count(node.name) > 1:
                 continue
             a = node.args
-            positional = a.args[len(a.args) - len(a.defaults):]
+            positional = a.args[len(a.args) - len(a.defaults) :]
             pairs = list(zip(positional, a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
             for arg, default in pairs:
                 text = ast.get_source_segment(f.text, default) if isinstance(default, ast.Constant) else None
@@ -94,8 +99,10 @@ def build_code_qa(n: int, seed: int, part: Partition = CALIBRATION, size: Size =
         context = "\n".join(lines[start:end]).strip("\n")
         if not size.lo <= len(context) <= size.hi:
             continue
-        question = (f"In the code above, what is the default value of the parameter `{arg}` of the function "
-                    f"`{node.name}`? Answer with the value only.")
+        question = (
+            f"In the code above, what is the default value of the parameter `{arg}` of the function "
+            f"`{node.name}`? Answer with the value only."
+        )
         out.append(_cal("code_qa", len(out), context, question, value))
     return out
 
@@ -118,15 +125,20 @@ def build_license_cloze(n: int, seed: int, part: Partition = CALIBRATION, size: 
             continue
         flat = " ".join(context.split())
         words = flat.split(" ")
-        spots = [j for j in range(8, len(words) - 8)
-                 if words[j].isalpha() and words[j].islower() and len(words[j]) >= 6 and words[j] not in STOPWORDS]
+        spots = [
+            j
+            for j in range(8, len(words) - 8)
+            if words[j].isalpha() and words[j].islower() and len(words[j]) >= 6 and words[j] not in STOPWORDS
+        ]
         rng.shuffle(spots)
         for j in spots:
-            passage = " ".join(words[j - 8:j + 9])
+            passage = " ".join(words[j - 8 : j + 9])
             if flat.count(passage) == 1:
-                blanked = " ".join(words[j - 8:j] + ["____"] + words[j + 1:j + 9])
-                question = (f'One word is missing from this passage of the text above: "{blanked}". '
-                            "What is the missing word? Answer with the word only.")
+                blanked = " ".join(words[j - 8 : j] + ["____"] + words[j + 1 : j + 9])
+                question = (
+                    f'One word is missing from this passage of the text above: "{blanked}". '
+                    "What is the missing word? Answer with the word only."
+                )
                 out.append(_cal("license_cloze", len(out), context, question, words[j]))
                 break
     return out
@@ -134,8 +146,10 @@ def build_license_cloze(n: int, seed: int, part: Partition = CALIBRATION, size: 
 
 def _from_suite(category: str, rows: list[Instance]) -> list[Instance]:
     """Suite instances as calibration samples (category, context, question, first answer)."""
-    return [_cal(category, i, str(r["context"]), str(r["question"]), str(r["answers"][0]))  # type: ignore[index]
-            for i, r in enumerate(rows)]
+    return [
+        _cal(category, i, str(r["context"]), str(r["question"]), str(r["answers"][0]))  # type: ignore[index]
+        for i, r in enumerate(rows)
+    ]
 
 
 CATEGORIES = {
@@ -145,11 +159,14 @@ CATEGORIES = {
     "license_cloze": build_license_cloze,
     "changelog_qa": lambda n, s: _from_suite("changelog_qa", build_changelog_qa(n, s, CALIBRATION, CAL_SIZE)),
     "multikey_needles": lambda n, s: _from_suite(
-        "multikey_needles", build_multikey_needles(n, s, CALIBRATION, CAL_SIZE, keys=4)),
+        "multikey_needles", build_multikey_needles(n, s, CALIBRATION, CAL_SIZE, keys=4)
+    ),
     "variable_tracking": lambda n, s: _from_suite(
-        "variable_tracking", build_variable_tracking(n, s, CALIBRATION, CAL_SIZE, chains=3, hops=(2,))),
+        "variable_tracking", build_variable_tracking(n, s, CALIBRATION, CAL_SIZE, chains=3, hops=(2,))
+    ),
     "frequent_words": lambda n, s: _from_suite(
-        "frequent_words", build_frequent_words(n, s, CALIBRATION, CAL_SIZE, fillers=60)),
+        "frequent_words", build_frequent_words(n, s, CALIBRATION, CAL_SIZE, fillers=60)
+    ),
 }
 
 
@@ -172,8 +189,15 @@ def suite_text(suite: Path, exclude: tuple[Path, ...] = ()) -> str:
     return "\0".join(parts)
 
 
-def build(per_category: int = 4, seed: int = DEFAULT_SEED, suite: Path = SUITE_DIR, exclude: tuple[Path, ...] = (),
-          id_prefix: str = "", tries: int = 3, categories: tuple[str, ...] | None = None) -> list[Instance]:
+def build(
+    per_category: int = 4,
+    seed: int = DEFAULT_SEED,
+    suite: Path = SUITE_DIR,
+    exclude: tuple[Path, ...] = (),
+    id_prefix: str = "",
+    tries: int = 3,
+    categories: tuple[str, ...] | None = None,
+) -> list[Instance]:
     """All categories in a fixed order; category k uses seed + 1 + k.
 
     Each category makes `tries` x the candidates it needs and keeps the first ones sharing no 250-character passage
@@ -192,9 +216,11 @@ def build(per_category: int = 4, seed: int = DEFAULT_SEED, suite: Path = SUITE_D
         for i, r in enumerate(kept):
             r["id"] = f"{id_prefix}{name}-{i:02d}"
         chars = [len(str(r["context"])) for r in kept]
-        print(f"{name}: {len(kept)} samples ({len(candidates) - len(disjoint)} candidates overlapped), {min(chars)}-"
-              f"{max(chars)} chars (~{min(chars) / CHARS_PER_TOKEN:.0f}-{max(chars) / CHARS_PER_TOKEN:.0f} tokens)",
-              file=sys.stderr)
+        print(
+            f"{name}: {len(kept)} samples ({len(candidates) - len(disjoint)} candidates overlapped), {min(chars)}-"
+            f"{max(chars)} chars (~{min(chars) / CHARS_PER_TOKEN:.0f}-{max(chars) / CHARS_PER_TOKEN:.0f} tokens)",
+            file=sys.stderr,
+        )
         rows.extend(kept)
     return rows
 
@@ -205,14 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-category", type=int, default=4, help="samples per category (8 categories)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed (category k uses seed + 1 + k)")
     ap.add_argument("--suite", type=Path, default=SUITE_DIR, help="evaluation suite to stay disjoint from")
-    ap.add_argument("--exclude", type=Path, nargs="*", default=[],
-                    help="further JSONL files to stay disjoint from (e.g. default.jsonl when building a held-out set)")
+    ap.add_argument(
+        "--exclude",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="further JSONL files to stay disjoint from (e.g. default.jsonl when building a held-out set)",
+    )
     ap.add_argument("--id-prefix", default="", help="prefix for every id (keeps a held-out set's ids apart)")
     ap.add_argument("--tries", type=int, default=3, help="candidates made per sample needed (more for --exclude)")
     ap.add_argument("--categories", nargs="*", choices=list(CATEGORIES), help="only these (default: all)")
     args = ap.parse_args(argv)
-    rows = build(args.per_category, args.seed, args.suite, tuple(args.exclude), args.id_prefix, args.tries,
-                 tuple(args.categories) if args.categories else None)
+    rows = build(
+        args.per_category,
+        args.seed,
+        args.suite,
+        tuple(args.exclude),
+        args.id_prefix,
+        args.tries,
+        tuple(args.categories) if args.categories else None,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8", newline="\n") as fh:
         for row in rows:

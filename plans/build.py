@@ -39,8 +39,20 @@ def commands(recipe: dict[str, dict], polykv: str = "polykv") -> list[list[str]]
         for budget, aggregate in sorted(spec["budgets"].items(), key=lambda kv: int(kv[0])):
             groups.setdefault(aggregate, []).append(int(budget))
         for aggregate, budgets in groups.items():
-            out.append([polykv, "solve", "--calibration", cal, "--budgets", ",".join(map(str, budgets)),
-                        "--aggregate", aggregate, "--out", f"plans/{model}"])
+            out.append(
+                [
+                    polykv,
+                    "solve",
+                    "--calibration",
+                    cal,
+                    "--budgets",
+                    ",".join(map(str, budgets)),
+                    "--aggregate",
+                    aggregate,
+                    "--out",
+                    f"plans/{model}",
+                ]
+            )
     return out
 
 

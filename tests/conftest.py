@@ -22,8 +22,14 @@ def tiny_llama(attn: str = "sdpa", layers: int = 3, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=96, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        vocab_size=128,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
     )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).eval()
@@ -34,8 +40,13 @@ def tiny_qwen2(attn: str = "sdpa", seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=1024,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
     )
     cfg._attn_implementation = attn
     return Qwen2ForCausalLM(cfg).eval()
@@ -46,8 +57,15 @@ def tiny_gemma3(attn: str = "sdpa", seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, sliding_window=8, max_position_embeddings=1024,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        sliding_window=8,
+        max_position_embeddings=1024,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
     )
     cfg._attn_implementation = attn
@@ -106,9 +124,18 @@ def write_samples(path, n: int = 3, length: int = 300, seed: int = 0) -> None:
         for i in range(n):
             words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(length // 6))
             key = rng.randint(100, 999)
-            f.write(json.dumps({"id": f"s{i}", "category": ["retrieval", "code"][i % 2], "context":
-                                f"{words} The key is {key}. {words}", "question": "What is the key?",
-                                "answers": [str(key)]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"s{i}",
+                        "category": ["retrieval", "code"][i % 2],
+                        "context": f"{words} The key is {key}. {words}",
+                        "question": "What is the key?",
+                        "answers": [str(key)],
+                    }
+                )
+                + "\n"
+            )
 
 
 # --- a tiny model on disk, for the real CLI in subprocesses (crash/resume, torchrun) -----------------------------------
@@ -129,10 +156,12 @@ def save_tiny_hf(path, layers: int = 3, seed: int = 0):
     vocab += [f"w{i}" for i in range(model.config.vocab_size - len(vocab))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.save_pretrained(path)
     model.save_pretrained(path)
     return path
@@ -160,8 +189,13 @@ def cli_env(**extra) -> dict:
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "POLYKV_TEST_KILL_AT"}
-    env.update(OMP_NUM_THREADS="1", POLYKV_TEST_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1",
+        POLYKV_TEST_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
@@ -172,8 +206,20 @@ def calibrate_cli(model_dir, data, out, *more, env: dict | None = None, timeout:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "polykv_cli", "calibrate", "--model", str(model_dir), "--data", str(data),
-           "--out", str(out), *CAL_ARGS, *more]
+    cmd = [
+        sys.executable,
+        "-m",
+        "polykv_cli",
+        "calibrate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *CAL_ARGS,
+        *more,
+    ]
     return subprocess.run(cmd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 

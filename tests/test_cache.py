@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY, tiny_llama
 from transformers import DynamicCache
 
-from conftest import TINY, tiny_llama
 from polykv.apply import apply
 from polykv.attention import polykv_attention
 from polykv.capture import capture
@@ -26,11 +26,25 @@ def ragged(n_layers: int) -> list[LayerSetting]:
 def test_full_policy_matches_dynamic_cache(arch, attn):
     model = TINY[arch](attn)
     ids = torch.randint(0, 128, (2, T))
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    ref = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=6,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     with apply(model, ("full", 1)):
-        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        got = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     assert torch.equal(ref.sequences, got.sequences)
     for a, b in zip(ref.logits, got.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -241,9 +255,18 @@ def test_apply_accepts_a_plan_and_refuses_another_models_plan():
     plan = uniform_plan("tiny", fingerprint(model.config), "snapkv", 8)
     with apply(model, plan):
         assert output_cache(model(ids)).stats().kept_tokens == [8, 8, 8]
-    other = uniform_plan("other", {**fingerprint(model.config), "num_layers": 4,
-                                   "num_kv_heads": [2] * 4, "head_dim": [16] * 4,
-                                   "layer_types": ["full_attention"] * 4}, "snapkv", 8)
+    other = uniform_plan(
+        "other",
+        {
+            **fingerprint(model.config),
+            "num_layers": 4,
+            "num_kv_heads": [2] * 4,
+            "head_dim": [16] * 4,
+            "layer_types": ["full_attention"] * 4,
+        },
+        "snapkv",
+        8,
+    )
     with pytest.raises(PlanMismatchError, match="other"):
         with apply(model, other):
             pass

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_loaded, write_samples
+
 from polykv.calibrate import CalibrationConfig, calibrate, finish
 from polykv.calibrate.schema import SCHEMA, SCHEMA_VERSION
 from polykv.data import data_hash, load_samples
@@ -105,8 +105,13 @@ def test_other_settings_in_out_dir_is_refused(tmp_path):
     data = tmp_path / "data.jsonl"
     samples = load_samples(data)
     with pytest.raises(CalibrationError, match="other settings .*budgets"):
-        calibrate(tiny_loaded(), samples, CalibrationConfig(budgets=(8, 16), max_context=512), tmp_path / "x",
-                  data_hash(samples))
+        calibrate(
+            tiny_loaded(),
+            samples,
+            CalibrationConfig(budgets=(8, 16), max_context=512),
+            tmp_path / "x",
+            data_hash(samples),
+        )
 
 
 def test_bad_data_and_options_are_clear_errors(tmp_path):
@@ -145,8 +150,15 @@ def test_proxy_equals_its_dense_definition():
     from polykv.calibrate.sensitivity import proxy_losses
 
     lm = tiny_loaded()
-    prepared = prepare(lm.model, lm.tokenizer, "alpha beta gamma " * 20 + "The key is 417. " + "delta " * 30,
-                       "What is the key?", "417", None, 16)
+    prepared = prepare(
+        lm.model,
+        lm.tokenizer,
+        "alpha beta gamma " * 20 + "The key is 417. " + "delta " * 30,
+        "What is the key?",
+        "417",
+        None,
+        16,
+    )
     options = calibration_options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
     for layer in range(len(prepared.capture.cache.layers)):
         obs = prepared.capture.observation(layer)
@@ -206,9 +218,9 @@ def test_uniform_anchors_equal_a_direct_measurement_and_anchor_the_solve(tmp_pat
     import numpy as np
     import torch
 
+    from polykv.attention import polykv_attention
     from polykv.calibrate.sample import prepare
     from polykv.compat import with_cache
-    from polykv.attention import polykv_attention
     from polykv.policies import make_policy
     from polykv.settings import LayerSetting
     from polykv.solve import aggregate, load_calibration
@@ -224,7 +236,9 @@ def test_uniform_anchors_equal_a_direct_measurement_and_anchor_the_solve(tmp_pat
     for r in anchors[anchors.sample_id == sample.id].head(6).itertuples():
         cache = prepared.capture.compress([LayerSetting(make_policy(r.policy), int(r.budget))] * 3)
         with torch.no_grad(), polykv_attention(loaded.model):
-            logits = loaded.model(input_ids=prepared.answer_in, **with_cache(loaded.model, cache), use_cache=True).logits
+            logits = loaded.model(
+                input_ids=prepared.answer_in, **with_cache(loaded.model, cache), use_cache=True
+            ).logits
         lp = torch.log_softmax(logits[0].float(), -1)
         full = prepared.full_logprobs
         assert r.value == pytest.approx(float((full.exp() * (full - lp)).sum(-1).mean()), rel=1e-4, abs=1e-6)
@@ -238,8 +252,11 @@ def test_uniform_anchors_equal_a_direct_measurement_and_anchor_the_solve(tmp_pat
     for (policy, budget), want in measured.items():
         got = sum(anchored.predicted_loss(layer, policy, int(budget)) for layer in range(3))
         assert got == pytest.approx(max(want, 0.0), rel=1e-6, abs=1e-12)
-        ratio = [anchored.predicted_loss(l, policy, int(budget)) / s for l in range(3)
-                 if (s := scaled.predicted_loss(l, policy, int(budget))) > 0]
+        ratio = [
+            anchored.predicted_loss(l, policy, int(budget)) / s
+            for l in range(3)
+            if (s := scaled.predicted_loss(l, policy, int(budget))) > 0
+        ]
         assert np.allclose(ratio, ratio[:1])  # one factor per (policy, budget): the layers' shape is kept
         shaped += len(ratio) > 1
     assert shaped

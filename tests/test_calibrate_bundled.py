@@ -19,8 +19,9 @@ pytestmark = pytest.mark.bundled
 def test_proxy_and_e2e_rank_layers_consistently(smollm2):
     line = (Path(__file__).parents[1] / "calibration_data" / "default.jsonl").read_text().splitlines()[8]
     sample = json.loads(line)
-    prepared = prepare(smollm2.model, smollm2.tokenizer, sample["context"], sample["question"],
-                       sample["answers"][0], 1024, 64)
+    prepared = prepare(
+        smollm2.model, smollm2.tokenizer, sample["context"], sample["question"], sample["answers"][0], 1024, 64
+    )
     options = [Option(p, b, LayerSetting(make_policy(p), b)) for p in ("snapkv", "streaming") for b in (32, 128)]
     proxy, e2e = [], []
     for layer in range(prepared.capture.num_layers):

@@ -13,7 +13,6 @@ import signal
 
 import pandas as pd
 import pytest
-
 from conftest import assert_same_calibration, calibrate_cli, cli_env
 
 pytestmark = pytest.mark.slow
@@ -27,8 +26,9 @@ def temps(out) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob(".*.tmp"))
 
 
-def test_killed_at_each_point_then_resumed_equals_uninterrupted(tiny_hf_dir, tiny_data, reference_calibration,
-                                                                tmp_path):
+def test_killed_at_each_point_then_resumed_equals_uninterrupted(
+    tiny_hf_dir, tiny_data, reference_calibration, tmp_path
+):
     out = tmp_path / "cal"
 
     def killed_at(point: str) -> None:

@@ -69,10 +69,26 @@ def test_missing_and_empty_files(tmp_path: Path):
 
 
 LONGBENCH_ROWS = [
-    {"input": "Who wrote it?", "context": "Doc A. Written by Ann.", "answers": ["Ann"], "length": 5,
-     "dataset": "hotpotqa", "language": "en", "all_classes": None, "_id": "abc123"},
-    {"input": "Which class?", "context": "Examples...", "answers": ["Location"], "length": 2,
-     "dataset": "trec", "language": "en", "all_classes": ["Location", "Person"], "_id": "def456"},
+    {
+        "input": "Who wrote it?",
+        "context": "Doc A. Written by Ann.",
+        "answers": ["Ann"],
+        "length": 5,
+        "dataset": "hotpotqa",
+        "language": "en",
+        "all_classes": None,
+        "_id": "abc123",
+    },
+    {
+        "input": "Which class?",
+        "context": "Examples...",
+        "answers": ["Location"],
+        "length": 2,
+        "dataset": "trec",
+        "language": "en",
+        "all_classes": ["Location", "Person"],
+        "_id": "def456",
+    },
 ]
 
 
@@ -157,10 +173,10 @@ def test_shipped_calibration_is_disjoint_from_the_eval_suite(shipped: list[Sampl
     cal_text = "\0".join(s.context for s in shipped)
     for s in shipped:
         for offset in range(0, len(s.context) - 200, 200):
-            assert s.context[offset:offset + 200] not in eval_text, (s.id, offset)
+            assert s.context[offset : offset + 200] not in eval_text, (s.id, offset)
     for x in suite[::3]:
         for offset in range(0, len(x.context) - 200, 600):
-            assert x.context[offset:offset + 200] not in cal_text, (x.id, offset)
+            assert x.context[offset : offset + 200] not in cal_text, (x.id, offset)
 
 
 def test_shipped_calibration_matches_its_builder_schema(shipped: list[Sample]):
@@ -188,6 +204,6 @@ def test_holdout_set_is_apart_from_the_calibration_set_and_the_suite(shipped: li
     for s in holdout:
         assert (s.category, s.question, s.answers[0]) not in cal_answers, s.id
         for offset in range(0, len(s.context) - 200, 200):
-            assert s.context[offset:offset + 200] not in eval_text, (s.id, offset)
+            assert s.context[offset : offset + 200] not in eval_text, (s.id, offset)
             if s.category not in SHARED_HAYSTACK:
-                assert s.context[offset:offset + 200] not in cal_text, (s.id, offset)
+                assert s.context[offset : offset + 200] not in cal_text, (s.id, offset)

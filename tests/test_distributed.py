@@ -14,16 +14,31 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CAL_ARGS, assert_same_calibration, cli_env
 
 pytestmark = pytest.mark.slow
 
 
 def torchrun_calibrate(model_dir, data, out, *more):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "polykv_cli", "calibrate", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-           *CAL_ARGS, *more]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "polykv_cli",
+        "calibrate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *CAL_ARGS,
+        *more,
+    ]
     return subprocess.run(cmd, env=cli_env(GLOO_SOCKET_IFNAME="lo"), capture_output=True, text=True, timeout=600)
 
 

@@ -6,9 +6,9 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import tiny_loaded
 from typer.testing import CliRunner
 
-from conftest import tiny_loaded
 from polykv.evaluate.engine import evaluate_instance, reprefill_instance
 from polykv.evaluate.methods import parse_methods
 from polykv.evaluate.report import summary
@@ -16,8 +16,18 @@ from polykv.evaluate.tasks import TaskInstance
 
 
 def _instances(n=2):
-    return [TaskInstance(f"i{k}", "retrieval", "alpha beta gamma " * 30 + f"the code is {700 + k}. " + "delta " * 20,
-                         "What is the code?", [str(700 + k)], "substring", 6) for k in range(n)]
+    return [
+        TaskInstance(
+            f"i{k}",
+            "retrieval",
+            "alpha beta gamma " * 30 + f"the code is {700 + k}. " + "delta " * 20,
+            "What is the code?",
+            [str(700 + k)],
+            "substring",
+            6,
+        )
+        for k in range(n)
+    ]
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "stacked"])
@@ -58,8 +68,14 @@ def test_partition_is_the_cheapest_contiguous_split_within_limits():
         best = min(
             sum(cost(g) for g in groups)
             for cuts in itertools.product([False, True], repeat=n - 1)
-            for groups in [[order[a:b] for a, b in zip([0] + [i + 1 for i, c in enumerate(cuts) if c],
-                                                       [i + 1 for i, c in enumerate(cuts) if c] + [n])]]
+            for groups in [
+                [
+                    order[a:b]
+                    for a, b in zip(
+                        [0] + [i + 1 for i, c in enumerate(cuts) if c], [i + 1 for i, c in enumerate(cuts) if c] + [n]
+                    )
+                ]
+            ]
             if all(allowed(g) for g in groups)
         )
         got = partition(widths, fixed, max_rows, max_tokens)
@@ -81,8 +97,11 @@ def test_finished_rows_leaving_the_batch_changes_no_token():
     model = loaded.model
     ids = torch.randint(5, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(3))
     cap = capture(model, ids)
-    caches = [cap.compress([LayerSetting(make_policy(p), b)] * cap.num_layers)
-              for p in ("streaming", "snapkv", "h2o") for b in (8, 24)]
+    caches = [
+        cap.compress([LayerSetting(make_policy(p), b)] * cap.num_layers)
+        for p in ("streaming", "snapkv", "h2o")
+        for b in (8, 24)
+    ]
     first = cap.last_logits.expand(len(caches), -1)
     free = greedy(model, stack(caches), first, 10)
     eos = {int(free[0, 2]), int(free[3, 4])}  # rows stop at different steps
@@ -92,15 +111,23 @@ def test_finished_rows_leaving_the_batch_changes_no_token():
     for row in range(len(caches)):
         stop = next((i for i, t in enumerate(free[row].tolist()) if t in eos), None)
         if stop is not None:
-            assert torch.equal(kept[row, : stop + 1], free[row, : stop + 1]) and set(kept[row, stop + 1 :].tolist()) <= {min(eos)}
+            assert torch.equal(kept[row, : stop + 1], free[row, : stop + 1]) and set(
+                kept[row, stop + 1 :].tolist()
+            ) <= {min(eos)}
     assert (kept == min(eos)).any()
 
 
 def test_gap_recovery_arithmetic():
     rows = []
     for task, base in (("a", 0), ("b", 10)):
-        for method, budget, s in [("full", None, 90), ("uniform:x", 64, 50), ("uniform:y", 64, 60), ("plan", 64, 75),
-                                  ("uniform:x", 128, 80), ("plan", 128, 70)]:
+        for method, budget, s in [
+            ("full", None, 90),
+            ("uniform:x", 64, 50),
+            ("uniform:y", 64, 60),
+            ("plan", 64, 75),
+            ("uniform:x", 128, 80),
+            ("plan", 128, 70),
+        ]:
             rows.append({"task": task, "method": method, "budget": budget, "score": s + base, "instance_id": task})
     summ = summary(pd.DataFrame(rows), "m")
     b64 = summ["budgets"]["64"]
@@ -108,7 +135,9 @@ def test_gap_recovery_arithmetic():
     assert b64["gap_recovery"] == pytest.approx((80 - 65) / (95 - 65))
     assert summ["budgets"]["128"]["gap_recovery"] == pytest.approx((75 - 85) / (95 - 85))
     rows = [r for r in rows if not (r["method"] == "full")] + [
-        {"task": t, "method": "full", "budget": None, "score": 80.0 + (10 if t == "b" else 0), "instance_id": t} for t in "ab"]
+        {"task": t, "method": "full", "budget": None, "score": 80.0 + (10 if t == "b" else 0), "instance_id": t}
+        for t in "ab"
+    ]
     assert summary(pd.DataFrame(rows), "m")["budgets"]["128"]["gap_recovery"] is None
     # a uniform policy above the full cache (sampling noise) leaves no gap either: null, not a flipped ratio
     rows = [dict(r, score=r["score"] + 3) if (r["method"], r["budget"]) == ("uniform:x", 128) else r for r in rows]
@@ -130,13 +159,33 @@ def test_eval_cli_on_bundled_model(tmp_path, monkeypatch):
 
     tasks = tmp_path / "tasks.jsonl"
     context = (__import__("pathlib").Path(__file__).parents[1] / "examples" / "passkey.txt").read_text()
-    lines = [json.dumps({"id": f"p{k}", "task": "passkey", "context": context.replace("pineapple", word),
-                         "question": "What is the passkey for the archive? Answer with the passkey only.",
-                         "answers": [word], "metric": "substring", "max_new_tokens": 12})
-             for k, word in enumerate(["pineapple", "lighthouse"])]
+    lines = [
+        json.dumps(
+            {
+                "id": f"p{k}",
+                "task": "passkey",
+                "context": context.replace("pineapple", word),
+                "question": "What is the passkey for the archive? Answer with the passkey only.",
+                "answers": [word],
+                "metric": "substring",
+                "max_new_tokens": 12,
+            }
+        )
+        for k, word in enumerate(["pineapple", "lighthouse"])
+    ]
     tasks.write_text("\n".join(lines) + "\n{not json\n")
-    args = ["eval", "--tasks", str(tasks), "--budgets", "16,128", "--methods", "full,uniform:snapkv,uniform:streaming",
-            "--out", str(tmp_path / "ev"), "--json"]
+    args = [
+        "eval",
+        "--tasks",
+        str(tasks),
+        "--budgets",
+        "16,128",
+        "--methods",
+        "full,uniform:snapkv,uniform:streaming",
+        "--out",
+        str(tmp_path / "ev"),
+        "--json",
+    ]
     import polykv.evaluate.engine as engine
 
     real, calls = engine.evaluate_instance, []
@@ -174,8 +223,12 @@ def test_named_plan_methods_each_get_a_gap_recovery_and_a_task_subset_reports_on
 
     rows = []
     for task, full, best, plan, other in (("a", 100, 40, 70, 40), ("b", 50, 30, 30, 50)):
-        for method, budget, s in [("full", None, full), ("uniform:x", 64, best), ("plan", 64, plan),
-                                  ("plan-e2e", 64, other)]:
+        for method, budget, s in [
+            ("full", None, full),
+            ("uniform:x", 64, best),
+            ("plan", 64, plan),
+            ("plan-e2e", 64, other),
+        ]:
             rows.append({"task": task, "method": method, "budget": budget, "score": s, "instance_id": task})
     df = pd.DataFrame(rows)
     b = summary(df, "m")["budgets"]["64"]
@@ -208,7 +261,7 @@ def test_predicted_loss_check_matches_the_solver_and_ranks_scores(tmp_path):
     """The report's predicted loss of a plan equals the solver's; a score that falls with predicted loss gives -1."""
     from test_solve import make_fingerprint, write_calibration
 
-    from polykv.evaluate.prediction import prediction_check, predicted_losses
+    from polykv.evaluate.prediction import predicted_losses, prediction_check
     from polykv.solve import aggregate, load_calibration, solve_frontier
 
     fp = make_fingerprint(num_layers=4)
@@ -225,8 +278,12 @@ def test_predicted_loss_check_matches_the_solver_and_ranks_scores(tmp_path):
     for p in plans:
         got = pred[(pred.method == "plan") & (pred.budget == int(p.average_budget))].predicted_loss.item()
         assert got == pytest.approx(p.predicted_loss)
-    results = pd.DataFrame([{"task": "t", "instance_id": "i", "method": r.method, "budget": r.budget,
-                             "score": 100 - r.predicted_loss} for r in pred.itertuples()])
+    results = pd.DataFrame(
+        [
+            {"task": "t", "instance_id": "i", "method": r.method, "budget": r.budget, "score": 100 - r.predicted_loss}
+            for r in pred.itertuples()
+        ]
+    )
     check = prediction_check(results, info, cal_dir)
     assert check["points"] == 8 and check["spearman_all"] == pytest.approx(-1.0)
     assert check["per_budget"]["32"] == {"methods": 4, "spearman": pytest.approx(-1.0)}

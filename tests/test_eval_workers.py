@@ -20,9 +20,18 @@ WORDS = ["pineapple", "lighthouse", "marmalade"]
 
 def _instances() -> list[TaskInstance]:
     # shorter and shorter, so the longest-first queue finishes them out of order
-    return [TaskInstance(f"p{k}", "passkey", PASSKEY[1500 * k:].replace("pineapple", w),
-                         "What is the passkey for the archive? Answer with the passkey only.", [w], "substring", 12)
-            for k, w in enumerate(WORDS)]
+    return [
+        TaskInstance(
+            f"p{k}",
+            "passkey",
+            PASSKEY[1500 * k :].replace("pineapple", w),
+            "What is the passkey for the archive? Answer with the passkey only.",
+            [w],
+            "substring",
+            12,
+        )
+        for k, w in enumerate(WORDS)
+    ]
 
 
 @pytest.mark.bundled
@@ -63,8 +72,20 @@ def test_eval_cli_with_workers_writes_rows_in_instance_order(tmp_path):
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(i.__dict__) + "\n" for i in _instances()))
-    args = ["eval", "--tasks", str(tasks), "--budgets", "32", "--methods", "full,uniform:streaming",
-            "--out", str(tmp_path / "ev"), "--workers", "2", "--json"]
+    args = [
+        "eval",
+        "--tasks",
+        str(tasks),
+        "--budgets",
+        "32",
+        "--methods",
+        "full,uniform:streaming",
+        "--out",
+        str(tmp_path / "ev"),
+        "--workers",
+        "2",
+        "--json",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = pd.read_parquet(tmp_path / "ev" / "results.parquet")

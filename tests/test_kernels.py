@@ -112,8 +112,9 @@ def test_reference_window_scores_matches_naive(gen, monkeypatch, groups, softcap
     for budget in (batch * groups * window * tokens, batch * tokens * 2, 1):
         monkeypatch.setattr(reference, "MAX_LOGITS", budget)
         assert_close(reference.window_scores(q, k, 0.4, valid, softcap), expected, FP32_TOL)
-    assert_close(reference.window_scores(q, k, 0.4, None, softcap), naive_window_scores(q, k, 0.4, None, softcap),
-                 FP32_TOL)
+    assert_close(
+        reference.window_scores(q, k, 0.4, None, softcap), naive_window_scores(q, k, 0.4, None, softcap), FP32_TOL
+    )
 
 
 @pytest.mark.parametrize("groups", GROUPS)
@@ -147,8 +148,14 @@ def test_masked_decode_matches_naive_over_the_visible_keys(gen, groups, per_head
             for h in range(kv_heads * groups):
                 keep = visible[b, h // groups if per_head else 0]
                 lengths = torch.tensor([[int(keep.sum())]], device=DEVICE)
-                want = naive_decode(q[b : b + 1, h : h + 1], k[b : b + 1, h // groups : h // groups + 1, keep],
-                                    v[b : b + 1, h // groups : h // groups + 1, keep], lengths, 0.3, softcap)
+                want = naive_decode(
+                    q[b : b + 1, h : h + 1],
+                    k[b : b + 1, h // groups : h // groups + 1, keep],
+                    v[b : b + 1, h // groups : h // groups + 1, keep],
+                    lengths,
+                    0.3,
+                    softcap,
+                )
                 assert_close(got[b, h], want[0, 0], FP32_TOL)
 
 
@@ -325,7 +332,10 @@ def test_kernels_compile_for_gpu(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-c", AOT_SCRIPT, str(arch), "bf16", "128", "4", "32"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     shared = {line.split()[0]: int(line.split()[1]) for line in run.stdout.splitlines()}
@@ -374,6 +384,7 @@ def test_dispatcher_routes_all_kernels(gen, monkeypatch):
     lengths, idx = torch.tensor([[21, 4], [1, 13]], device=DEVICE), torch.tensor([[[0, 20]] * 2] * 2, device=DEVICE)
     for choice in ("torch", "triton"):
         monkeypatch.setenv(kernels.ENV_VAR, choice)
-        assert_close(kernels.decode_attention(q, k, v, lengths, 0.3), reference.decode_attention(q, k, v, lengths, 0.3),
-                     FP32_TOL)
+        assert_close(
+            kernels.decode_attention(q, k, v, lengths, 0.3), reference.decode_attention(q, k, v, lengths, 0.3), FP32_TOL
+        )
         assert all(map(torch.equal, kernels.gather_kv(k, v, idx), reference.gather_kv(k, v, idx)))

@@ -33,7 +33,10 @@ def test_bundled_packages_are_installed_by_make_install():
 
 
 def test_checked_in_plans_belong_to_aliases():
-    dirs = [d.name for d in (ROOT / "plans").iterdir()
-            if d.is_dir() and d.name != "schema" and not d.name.startswith(("_", "."))]
+    dirs = [
+        d.name
+        for d in (ROOT / "plans").iterdir()
+        if d.is_dir() and d.name != "schema" and not d.name.startswith(("_", "."))
+    ]
     assert dirs
     assert set(dirs) <= set(ALIASES), f"plans/ has directories that are not model aliases: {set(dirs) - set(ALIASES)}"

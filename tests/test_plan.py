@@ -29,9 +29,14 @@ def fp(num_layers: int = 3, **kw) -> dict:
 
 
 def gemma_like() -> dict:
-    return fp(4, model_type="gemma3_text", num_kv_heads=[1] * 4, head_dim=[256] * 4,
-              layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-              sliding_window=8)
+    return fp(
+        4,
+        model_type="gemma3_text",
+        num_kv_heads=[1] * 4,
+        head_dim=[256] * 4,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        sliding_window=8,
+    )
 
 
 def plan_dict(**changes) -> dict:
@@ -64,7 +69,7 @@ def test_round_trip_and_deterministic_bytes(tmp_path):
     plan.layers[1] = LayerPlan(1, "h2o", 16, {}, 0.1 + 0.2)
     plan.predicted_loss = 1 / 3
     text = plan.to_json()
-    assert text.endswith("}\n") and "\n    {\"layer\": 0, " in text
+    assert text.endswith("}\n") and '\n    {"layer": 0, ' in text
     assert Plan.from_dict(json.loads(text)).to_json() == text
     assert Plan.from_dict(json.loads(uniform_plan("m", fp(), "h2o", 8).to_json())) == uniform_plan("m", fp(), "h2o", 8)
     plan.save(tmp_path / "a.json")
@@ -111,18 +116,21 @@ def test_check_model_names_both_fingerprints():
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda d: d.pop("layers"), "'layers' is a required property"),
-    (lambda d: d["layers"][1].update(budget=-4), "layers/1/budget"),
-    (lambda d: d["layers"][0].update(policy="nope"), "unknown policy nope"),
-    (lambda d: d["layers"][2].update(budget=100), "over total_budget"),
-    (lambda d: d["layers"].pop(), "2 layers but its fingerprint has 3"),
-    (lambda d: d["layers"][0].update(layer=1), "in order"),
-    (lambda d: d.update(fingerprint_hash="0" * 12), "fingerprint was edited"),
-    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
-    (lambda d: d.update(budget_unit="bytes"), "needs 'tokens'"),
-    (lambda d: d.update(extra=1), "Additional properties"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.pop("layers"), "'layers' is a required property"),
+        (lambda d: d["layers"][1].update(budget=-4), "layers/1/budget"),
+        (lambda d: d["layers"][0].update(policy="nope"), "unknown policy nope"),
+        (lambda d: d["layers"][2].update(budget=100), "over total_budget"),
+        (lambda d: d["layers"].pop(), "2 layers but its fingerprint has 3"),
+        (lambda d: d["layers"][0].update(layer=1), "in order"),
+        (lambda d: d.update(fingerprint_hash="0" * 12), "fingerprint was edited"),
+        (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+        (lambda d: d.update(budget_unit="bytes"), "needs 'tokens'"),
+        (lambda d: d.update(extra=1), "Additional properties"),
+    ],
+)
 def test_load_rejects_bad_plans(tmp_path, mutate, match):
     d = plan_dict()
     d.pop("used_budget")
@@ -136,7 +144,9 @@ def test_load_rejects_non_json_and_nan(tmp_path):
     with pytest.raises(PlanError, match="not valid JSON"):
         Plan.load(write(tmp_path, "{nope"))
     with pytest.raises(PlanError, match="not valid JSON"):
-        Plan.load(write(tmp_path, json.dumps(plan_dict()).replace('"predicted_loss": null', '"predicted_loss": NaN', 1)))
+        Plan.load(
+            write(tmp_path, json.dumps(plan_dict()).replace('"predicted_loss": null', '"predicted_loss": NaN', 1))
+        )
     with pytest.raises(PlanError, match="does not exist"):
         Plan.load(tmp_path / "missing.json")
 
@@ -172,12 +182,37 @@ def test_docs_example_is_a_valid_plan():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-EDGES = [0, -1, 2.0, 1e308, 10**400, float("inf"), float("-inf"), float("nan"), "snapkv", "tokens", "bytes", "full",
-         "sliding_attention", [], {}]
-SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(-3, 300) | st.text(max_size=6)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(EDGES))
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+EDGES = [
+    0,
+    -1,
+    2.0,
+    1e308,
+    10**400,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    "snapkv",
+    "tokens",
+    "bytes",
+    "full",
+    "sliding_attention",
+    [],
+    {},
+]
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-3, 300)
+    | st.text(max_size=6)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(EDGES)
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -197,9 +232,14 @@ def mutated_plans(draw):
     d = json.loads(uniform_plan("m", fingerprint, "snapkv", draw(st.integers(1, 64)), {"window": 8}).to_json())
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.sampled_from(["top", "fingerprint", "layer", "provenance"]))
-        obj = {"top": d, "fingerprint": d.get("fingerprint"), "provenance": d.get("provenance"),
-               "layer": draw(st.sampled_from(d["layers"])) if isinstance(d.get("layers"), list) and d["layers"]
-               and all(isinstance(x, dict) for x in d["layers"]) else None}[target]
+        obj = {
+            "top": d,
+            "fingerprint": d.get("fingerprint"),
+            "provenance": d.get("provenance"),
+            "layer": draw(st.sampled_from(d["layers"]))
+            if isinstance(d.get("layers"), list) and d["layers"] and all(isinstance(x, dict) for x in d["layers"])
+            else None,
+        }[target]
         if not isinstance(obj, dict) or not obj:
             continue
         key = draw(st.sampled_from(sorted(obj)))
@@ -228,8 +268,14 @@ def _json_bytes(d) -> bytes:
 
 
 @FUZZ
-@given(st.one_of(mutated_plans().map(_json_bytes), JSON.map(_json_bytes), st.binary(max_size=64),
-                 st.text(max_size=64).map(str.encode)))
+@given(
+    st.one_of(
+        mutated_plans().map(_json_bytes),
+        JSON.map(_json_bytes),
+        st.binary(max_size=64),
+        st.text(max_size=64).map(str.encode),
+    )
+)
 def test_fuzz_load_arbitrary_bytes(tmp_path, data):
     path = tmp_path / "fuzz.json"
     path.write_bytes(data)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import DynamicCache
 
-from conftest import tiny_llama
 from polykv.apply import apply
 from polykv.compat import output_cache, with_cache
 from polykv.policies import make_policy, policy_names
@@ -53,8 +53,10 @@ def reference_run():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(modeling_llama, "eager_attention_forward", recording)
         model(ids, **with_cache(model, DynamicCache()))
-    layers = [RefLayer(i, w.detach().double(), q.detach().double(), k.detach().double(), v.detach().double(), s)
-              for i, (q, k, v, w, s) in sorted(recorded.items())]
+    layers = [
+        RefLayer(i, w.detach().double(), q.detach().double(), k.detach().double(), v.detach().double(), s)
+        for i, (q, k, v, w, s) in sorted(recorded.items())
+    ]
     return model, ids, layers
 
 
@@ -116,8 +118,10 @@ def ref_expected_attention(ref: RefLayer, h: int, params: dict) -> list[float]:
         window = [[float(x) for x in ref.queries[q, i]] for i in range(T - w, T)]
         mu = [sum(row[d] for row in window) / w for d in range(dim)]
         var = [sum((row[d] - mu[d]) ** 2 for row in window) / w for d in range(dim)]
-        logits = [sum(s * mu[d] * float(keys[j, d]) + 0.5 * s * s * var[d] * float(keys[j, d]) ** 2
-                      for d in range(dim)) for j in range(T)]
+        logits = [
+            sum(s * mu[d] * float(keys[j, d]) + 0.5 * s * s * var[d] * float(keys[j, d]) ** 2 for d in range(dim))
+            for j in range(T)
+        ]
         top = max(logits)
         exp = [math.exp(x - top) for x in logits]
         total = [t + e / sum(exp) for t, e in zip(total, exp)]
@@ -150,8 +154,9 @@ REFERENCES: dict[str, Reference] = {
     "snapkv_forward": Reference(ref_snapkv_forward, ({"window": 8}, {"window": 4, "span": 3})),
 }
 
-CASES = [(name, params) for name in policy_names() for params in (REFERENCES[name].params if name in REFERENCES
-                                                                      else [None])]
+CASES = [
+    (name, params) for name in policy_names() for params in (REFERENCES[name].params if name in REFERENCES else [None])
+]
 
 
 def assert_top_k(kept: list[int], scores: list[float], budget: int, tol: float = 1e-6) -> None:
@@ -231,8 +236,17 @@ def test_unknown_policy_and_parameter_are_clear_errors():
 
 
 def test_registry_names():
-    assert policy_names() == ["full", "streaming", "snapkv", "h2o", "tova", "knorm", "random", "expected_attention",
-                              "snapkv_forward"]
+    assert policy_names() == [
+        "full",
+        "streaming",
+        "snapkv",
+        "h2o",
+        "tova",
+        "knorm",
+        "random",
+        "expected_attention",
+        "snapkv_forward",
+    ]
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

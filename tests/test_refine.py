@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_loaded, write_samples
 from typer.testing import CliRunner
 
-from conftest import tiny_loaded, write_samples
+from polykv.answer_loss import Objective, prepare_samples
 from polykv.attention import polykv_attention
-from polykv.calibrate.sample import prepare
 from polykv.compat import with_cache
 from polykv.data import load_samples
 from polykv.models import fingerprint
 from polykv.plan import Plan, uniform_plan
 from polykv.policies import make_policy
-from polykv.answer_loss import Objective, prepare_samples
 from polykv.refine import neighbours, refine_plan
 from polykv.settings import LayerSetting
 from polykv_cli.main import app
@@ -38,7 +37,12 @@ def setup(tmp_path_factory):
 
 def test_neighbours_are_one_budget_step_or_another_policy():
     assert neighbours(("snapkv", 32), GRID, POLICIES) == [
-        ("snapkv", 16), ("snapkv", 64), ("streaming", 32), ("h2o", 32), ("knorm", 32)]
+        ("snapkv", 16),
+        ("snapkv", 64),
+        ("streaming", 32),
+        ("h2o", 32),
+        ("knorm", 32),
+    ]
     assert neighbours(("h2o", 8), GRID, POLICIES)[0] == ("h2o", 16)  # nothing below the grid
     assert ("snapkv", 1024) not in neighbours(("snapkv", 512), GRID, POLICIES)  # nothing above it
 
@@ -122,13 +126,17 @@ def test_a_round_that_does_not_lower_the_held_out_loss_is_turned_down_and_the_se
     held_out = [object()]
     judged = iter([1.0, 0.8])  # the start, then round 1's finalist; every later finalist is judged 0.9
     # the search loss falls every round: snapkv everywhere, and 2 more tokens for layer 0 per round
-    scripted = Scripted(lambda plan: np.full(3, sum(p != "snapkv" for p, _ in plan) + 1 - 0.01 * plan[0][1]),
-                        lambda plan: next(judged, 0.9), held_out)
+    scripted = Scripted(
+        lambda plan: np.full(3, sum(p != "snapkv" for p, _ in plan) + 1 - 0.01 * plan[0][1]),
+        lambda plan: next(judged, 0.9),
+        held_out,
+    )
     monkeypatch.setattr("polykv.refine.Objective", scripted)
     start = uniform_plan("tiny", fingerprint(loaded.model.config), "streaming", 16)
     fine = list(range(2, 66, 2))
     assert refine_plan(loaded.model, samples, start, fine, POLICIES, rounds=3, min_gain=0.0).losses == pytest.approx(
-        [3.84, 0.84, 0.82, 0.80])  # without held-out samples: three rounds (policies first, then budgets)
+        [3.84, 0.84, 0.82, 0.80]
+    )  # without held-out samples: three rounds (policies first, then budgets)
     judged = iter([1.0, 0.8])
     result = refine_plan(loaded.model, samples, start, fine, POLICIES, rounds=5, min_gain=0.0, held_out=held_out)
     assert result.held_out == [1.0, 0.8] and len(result.moves) == 1
@@ -178,11 +186,41 @@ def test_refine_cli_on_bundled_model(tmp_path, monkeypatch):
     bad = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--budgets", "300", "--out", str(tmp_path / "r")])
     assert bad.exit_code == 2 and "no plan in" in bad.output and "512" in bad.output
     data = str(root / "calibration_data" / "default.jsonl")
-    many = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--samples", "30", "--holdout", "8",
-                               "--out", str(tmp_path / "r"), "--data", data])
+    many = runner.invoke(
+        app,
+        [
+            "refine",
+            "--plans",
+            str(tmp_path),
+            "--samples",
+            "30",
+            "--holdout",
+            "8",
+            "--out",
+            str(tmp_path / "r"),
+            "--data",
+            data,
+        ],
+    )
     assert many.exit_code == 2 and "holds 32 samples" in many.output and not (tmp_path / "r").exists()
-    res = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--samples", "1", "--holdout", "1", "--rounds", "1",
-                              "--out", str(tmp_path / "r"), "--data", data])
+    res = runner.invoke(
+        app,
+        [
+            "refine",
+            "--plans",
+            str(tmp_path),
+            "--samples",
+            "1",
+            "--holdout",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+            "--data",
+            data,
+        ],
+    )
     assert res.exit_code == 0, res.output
     plan = Plan.load(tmp_path / "r" / "avg512.json")
     assert plan.average_budget == 512 and plan.used_budget <= plan.total_budget

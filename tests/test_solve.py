@@ -44,8 +44,14 @@ POLICIES = ("snapkv", "h2o", "streaming")
 BUDGETS = (16, 32, 64, 128)
 
 
-def make_fingerprint(num_layers: int = 4, kv_heads: list[int] | None = None, head_dim: list[int] | None = None,
-                     sliding: list[int] = (), window: int | None = None, model_type: str = "llama") -> dict:
+def make_fingerprint(
+    num_layers: int = 4,
+    kv_heads: list[int] | None = None,
+    head_dim: list[int] | None = None,
+    sliding: list[int] = (),
+    window: int | None = None,
+    model_type: str = "llama",
+) -> dict:
     return {
         "model_type": model_type,
         "num_layers": num_layers,
@@ -56,9 +62,17 @@ def make_fingerprint(num_layers: int = 4, kv_heads: list[int] | None = None, hea
     }
 
 
-def synthetic_curves(fp: dict, model: str = "test/model", policies=POLICIES, budgets=BUDGETS, samples: int = 4,
-                     categories=("qa", "code"), metrics=("proxy_err", "e2e_dnll"), seed: int = 0,
-                     with_full: bool = True) -> pd.DataFrame:
+def synthetic_curves(
+    fp: dict,
+    model: str = "test/model",
+    policies=POLICIES,
+    budgets=BUDGETS,
+    samples: int = 4,
+    categories=("qa", "code"),
+    metrics=("proxy_err", "e2e_dnll"),
+    seed: int = 0,
+    with_full: bool = True,
+) -> pd.DataFrame:
     """Tidy curves: loss = scale(layer, policy) x difficulty(sample) x exp(-budget / tau(layer, policy))."""
     rng = np.random.default_rng(seed)
     n = fp["num_layers"]
@@ -82,16 +96,29 @@ def synthetic_curves(fp: dict, model: str = "test/model", policies=POLICIES, bud
     return df.astype({"layer": "int32", "budget": "int32"})
 
 
-def write_calibration(path: Path, fp: dict | None = None, curves: pd.DataFrame | None = None,
-                      model: str = "test/model", settings_: dict | None = None, parts: int = 2, **kw) -> Path:
+def write_calibration(
+    path: Path,
+    fp: dict | None = None,
+    curves: pd.DataFrame | None = None,
+    model: str = "test/model",
+    settings_: dict | None = None,
+    parts: int = 2,
+    **kw,
+) -> Path:
     """A calibration directory as `polykv calibrate` writes it (metadata.json + curves/part-*.parquet)."""
     fp = fp or make_fingerprint()
     curves = synthetic_curves(fp, model, **kw) if curves is None else curves
     (path / "curves").mkdir(parents=True, exist_ok=True)
     for i, chunk in enumerate(np.array_split(np.arange(len(curves)), parts)):
         curves.iloc[chunk].to_parquet(path / "curves" / f"part-{i}.parquet", index=False)
-    meta = {"model": model, "fingerprint": fp, "fingerprint_hash": fingerprint_hash(fp), "data_hash": "d" * 16,
-            "polykv_version": "0.1.0", "settings": settings_ or {"policy_params": {"snapkv": {"window": 8}}}}
+    meta = {
+        "model": model,
+        "fingerprint": fp,
+        "fingerprint_hash": fingerprint_hash(fp),
+        "data_hash": "d" * 16,
+        "polykv_version": "0.1.0",
+        "settings": settings_ or {"policy_params": {"snapkv": {"window": 8}}},
+    }
     (path / "metadata.json").write_text(json.dumps(meta))
     return path
 
@@ -129,6 +156,7 @@ def _close(a, b):
 
 
 # --- solvers ---------------------------------------------------------------------------------------------------------
+
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances())
@@ -171,14 +199,24 @@ def test_dp_uses_the_budget_exactly_when_it_pays():
 
 # --- aggregation -----------------------------------------------------------------------------------------------------
 
+
 def test_aggregate_mean_quantile_and_category_weights():
     fp = make_fingerprint(num_layers=1)
     rows = [("a", "qa", 1.0), ("b", "qa", 2.0), ("c", "qa", 3.0), ("d", "code", 10.0)]
-    curves = pd.DataFrame({
-        "model": "m", "fingerprint": fingerprint_hash(fp), "sample_id": [r[0] for r in rows],
-        "category": [r[1] for r in rows], "layer": 0, "head": None, "policy": "snapkv", "budget": 8,
-        "metric": "proxy_err", "value": [r[2] for r in rows],
-    })
+    curves = pd.DataFrame(
+        {
+            "model": "m",
+            "fingerprint": fingerprint_hash(fp),
+            "sample_id": [r[0] for r in rows],
+            "category": [r[1] for r in rows],
+            "layer": 0,
+            "head": None,
+            "policy": "snapkv",
+            "budget": 8,
+            "metric": "proxy_err",
+            "value": [r[2] for r in rows],
+        }
+    )
     loss = lambda agg: float(aggregate(curves, fp, "m", aggregation=agg).frame["loss"].iloc[0])  # noqa: E731
     assert loss(Aggregation.parse("mean")) == pytest.approx(4.0)
     assert loss(Aggregation.parse("max")) == 10.0
@@ -229,8 +267,16 @@ def test_nan_losses_are_an_error():
 
 def test_per_head_rows_are_averaged_when_no_whole_layer_rows():
     fp = make_fingerprint(num_layers=1)
-    base = dict(model="m", fingerprint=fingerprint_hash(fp), sample_id="a", category="qa", layer=0, policy="snapkv",
-                budget=8, metric="proxy_err")
+    base = dict(
+        model="m",
+        fingerprint=fingerprint_hash(fp),
+        sample_id="a",
+        category="qa",
+        layer=0,
+        policy="snapkv",
+        budget=8,
+        metric="proxy_err",
+    )
     curves = pd.DataFrame([{**base, "head": 0, "value": 1.0}, {**base, "head": 1, "value": 3.0}])
     assert float(aggregate(curves, fp, "m").frame["loss"].iloc[0]) == 2.0
 
@@ -248,12 +294,15 @@ def test_sliding_layers_collapse_above_window():
 
 # --- calibration directory -------------------------------------------------------------------------------------------
 
+
 def test_parquet_from_another_model_is_rejected(tmp_path):
     fp = make_fingerprint()
     other = make_fingerprint(num_layers=4, model_type="qwen2")
     curves = synthetic_curves(other, model="other/model")
     write_calibration(tmp_path, fp, curves)
-    with pytest.raises(CalibrationError, match=r"other/model.*" + fingerprint_hash(other) + ".*" + fingerprint_hash(fp)):
+    with pytest.raises(
+        CalibrationError, match=r"other/model.*" + fingerprint_hash(other) + ".*" + fingerprint_hash(fp)
+    ):
         load_calibration(tmp_path)
 
 
@@ -266,6 +315,7 @@ def test_calibration_dir_errors(tmp_path):
 
 
 # --- plans from the solver -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def table():
@@ -294,8 +344,13 @@ def test_solver_choices_agree_and_cross_check(table):
 
 
 def test_constraints_pins_bounds_policies(table):
-    opts = SolveOptions(policies=("h2o",), pins={0: Pin("full"), 1: Pin("snapkv", 16)}, min_budget={2: 64},
-                        max_budget={3: 16}, full_cost=128)
+    opts = SolveOptions(
+        policies=("h2o",),
+        pins={0: Pin("full"), 1: Pin("snapkv", 16)},
+        min_budget={2: 64},
+        max_budget={3: 16},
+        full_cost=128,
+    )
     plan = solve_plan(table, 64, opts)
     layers = plan.layers
     assert (layers[0].policy, layers[0].budget, layers[0].predicted_loss, layers[0].params) == ("full", 128, 0.0, {})
@@ -359,9 +414,13 @@ def test_byte_constraint_with_unequal_layers_and_sliding_window():
 def fingerprints(draw):
     n = draw(st.integers(1, 5))
     sliding = [i for i in range(n) if draw(st.booleans())] if draw(st.booleans()) else []
-    return make_fingerprint(num_layers=n, kv_heads=[draw(st.sampled_from([1, 2, 4])) for _ in range(n)],
-                            head_dim=[draw(st.sampled_from([16, 32])) for _ in range(n)], sliding=sliding,
-                            window=draw(st.sampled_from([16, 40, 100])))
+    return make_fingerprint(
+        num_layers=n,
+        kv_heads=[draw(st.sampled_from([1, 2, 4])) for _ in range(n)],
+        head_dim=[draw(st.sampled_from([16, 32])) for _ in range(n)],
+        sliding=sliding,
+        window=draw(st.sampled_from([16, 40, 100])),
+    )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -382,6 +441,7 @@ def test_plans_fit_exactly_and_beat_uniform(fp, avg, seed):
 
 
 # --- allocations -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layers,avg", [(1, 64), (6, 32), (32, 128), (7, 5)])
 def test_pyramid_decreases_and_sums_to_total(layers, avg):
@@ -414,11 +474,15 @@ def test_allocation_plans_scored_from_table(table):
 
 # --- parsing ---------------------------------------------------------------------------------------------------------
 
+
 def test_parsers():
     assert parse_pins(["0:full", "2-3:snapkv:64"], 4) == {0: Pin("full"), 2: Pin("snapkv", 64), 3: Pin("snapkv", 64)}
     assert parse_layer_values(["32", "1:64"], 3, "--min-budget") == {0: 32, 1: 64, 2: 32}
-    for bad in (lambda: parse_pins(["9:full"], 4), lambda: parse_pins(["x"], 4),
-                lambda: parse_layer_values(["0:-1"], 2, "--max-budget")):
+    for bad in (
+        lambda: parse_pins(["9:full"], 4),
+        lambda: parse_pins(["x"], 4),
+        lambda: parse_layer_values(["0:-1"], 2, "--max-budget"),
+    ):
         with pytest.raises(SolveError):
             bad()
 
@@ -426,9 +490,14 @@ def test_parsers():
 def test_parse_budgets_sorts_and_names_the_bad_item():
     assert parse_budgets("64, 128") == (64, 128)
     assert parse_budgets("256,64,128,") == (64, 128, 256)
-    for text, needle in (("64,128,64", "lists 64 more than once"), ("64,x8", "'x8' is not a whole number"),
-                         ("64,0", "'0' is not positive"), ("64,-8", "'-8' is not positive"),
-                         ("1.5", "'1.5' is not a whole number"), (" , ", "needs a comma-separated list")):
+    for text, needle in (
+        ("64,128,64", "lists 64 more than once"),
+        ("64,x8", "'x8' is not a whole number"),
+        ("64,0", "'0' is not positive"),
+        ("64,-8", "'-8' is not positive"),
+        ("1.5", "'1.5' is not a whole number"),
+        (" , ", "needs a comma-separated list"),
+    ):
         with pytest.raises(InputError, match=needle):
             parse_budgets(text)
     with pytest.raises(InputError, match="--lengths: 'a'"):
@@ -436,6 +505,7 @@ def test_parse_budgets_sorts_and_names_the_bad_item():
 
 
 # --- end to end ------------------------------------------------------------------------------------------------------
+
 
 def test_same_inputs_give_byte_identical_plans(tmp_path):
     cal = write_calibration(tmp_path / "cal")

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import typer
+from test_solve import make_fingerprint, synthetic_curves, write_calibration
 from typer.testing import CliRunner
 
 from polykv.plan import Plan
 from polykv_cli import plan_cmd, solve_cmd
-from test_solve import make_fingerprint, synthetic_curves, write_calibration
 
 runner = CliRunner()
 
@@ -48,8 +48,20 @@ def test_solve_single_budget_writes_plan_and_summary(app, cal, tmp_path):
 
 
 def test_solve_frontier_into_directory(app, cal, tmp_path):
-    r = invoke(app, "solve", "-c", cal, "--budgets", "32,64,128", "--out", tmp_path / "frontier",
-               "--policies", "snapkv,h2o", "--max-policies", "1")
+    r = invoke(
+        app,
+        "solve",
+        "-c",
+        cal,
+        "--budgets",
+        "32,64,128",
+        "--out",
+        tmp_path / "frontier",
+        "--policies",
+        "snapkv,h2o",
+        "--max-policies",
+        "1",
+    )
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in (tmp_path / "frontier").iterdir())
     assert names == ["avg128.json", "avg32.json", "avg64.json"]
@@ -73,13 +85,16 @@ def test_solve_default_out_and_baselines(app, cal, tmp_path, monkeypatch):
     assert pyr.layers[0].params == {"window": 8}
 
 
-@pytest.mark.parametrize("args, match", [
-    (("--budget", 16, "--pin", "0:full", "--pin", "1:full"), "cheapest allowed plan"),
-    (("--budget", 16, "--budgets", "16,32"), "exactly one of"),
-    (("--budget", 16, "--pin", "9:full"), "outside 0..3"),
-    (("--budget", 16, "--metric", "nope"), "metric 'nope'"),
-    (("--budget", 16, "--uniform", "h2o", "--pin", "0:full"), "apply to solved plans"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("--budget", 16, "--pin", "0:full", "--pin", "1:full"), "cheapest allowed plan"),
+        (("--budget", 16, "--budgets", "16,32"), "exactly one of"),
+        (("--budget", 16, "--pin", "9:full"), "outside 0..3"),
+        (("--budget", 16, "--metric", "nope"), "metric 'nope'"),
+        (("--budget", 16, "--uniform", "h2o", "--pin", "0:full"), "apply to solved plans"),
+    ],
+)
 def test_solve_errors_are_one_red_line(app, cal, tmp_path, args, match):
     r = invoke(app, "solve", "-c", cal, "--out", tmp_path / "x.json", *args)
     assert r.exit_code == 2

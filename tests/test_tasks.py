@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from polykv.errors import TaskError
-from polykv.evaluate.suite import default_suite_path, load_default_suite, suite_files
-from polykv.evaluate.suite import build
+from polykv.evaluate.suite import build, default_suite_path, load_default_suite, suite_files
 from polykv.evaluate.suite.sources import DOC_DIR, LICENSE_DIR
 from polykv.evaluate.tasks import (
     METRICS,
@@ -123,9 +122,17 @@ def test_load_tasks_skips_malformed_lines_with_their_numbers(tmp_path: Path):
     numbers = [int(re.search(r":(\d+): skipped", w).group(1)) for w in warnings]
     assert numbers == [2, 3, 4, 6, 7, 9, 10, 11, 12, 13]
     text = "\n".join(warnings)
-    for needle in ("not valid JSON", "missing 'answers'", "'metric' must be one of", "'max_new_tokens' must be",
-                   "duplicate id 'a' (first on line 1)", "expected a JSON object", "non-empty list",
-                   "'context' must be a string", "'id' must be a non-empty string"):
+    for needle in (
+        "not valid JSON",
+        "missing 'answers'",
+        "'metric' must be one of",
+        "'max_new_tokens' must be",
+        "duplicate id 'a' (first on line 1)",
+        "expected a JSON object",
+        "non-empty list",
+        "'context' must be a string",
+        "'id' must be a non-empty string",
+    ):
         assert needle in text
     assert all("\n" not in w for w in warnings)
 
@@ -218,8 +225,12 @@ def test_builders_are_deterministic_and_valid(tmp_path: Path):
 def test_development_split_uses_the_calibration_sources(tmp_path: Path):
     """`--partition calibration` draws the same tasks from other texts: no context shares a source passage."""
     dev, test = tmp_path / "dev", tmp_path / "test"
-    assert build.main(["--out", str(dev), "--n", "2", "--partition", "calibration", "--tasks", "passkey",
-                       "code_completion"]) == 0
+    assert (
+        build.main(
+            ["--out", str(dev), "--n", "2", "--partition", "calibration", "--tasks", "passkey", "code_completion"]
+        )
+        == 0
+    )
     build.build_suite(test, n=2, tasks=["passkey", "code_completion"])
     manifest = json.loads((dev / "manifest.json").read_text())
     assert manifest["partition"] == "calibration" and "--partition calibration" in manifest["command"]

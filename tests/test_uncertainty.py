@@ -16,8 +16,15 @@ def _rows(scores: dict[str, dict[str, list[float]]], budget: int = 64) -> pd.Dat
     for method, by_task in scores.items():
         for task, values in by_task.items():
             for k, s in enumerate(values):
-                rows.append({"instance_id": f"{task}-{k}", "task": task, "method": method,
-                             "budget": None if method == "full" else budget, "score": float(s)})
+                rows.append(
+                    {
+                        "instance_id": f"{task}-{k}",
+                        "task": task,
+                        "method": method,
+                        "budget": None if method == "full" else budget,
+                        "score": float(s),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -65,8 +72,7 @@ def test_only_instances_both_methods_scored_are_paired():
 
 
 def test_summary_and_report_carry_the_interval_and_drop_it_with_the_gap():
-    df = _rows({"full": {"a": [100, 100, 100, 0]}, "plan": {"a": [100, 100, 0, 0]},
-                "uniform:x": {"a": [100, 0, 0, 0]}})
+    df = _rows({"full": {"a": [100, 100, 100, 0]}, "plan": {"a": [100, 100, 0, 0]}, "uniform:x": {"a": [100, 0, 0, 0]}})
     summ = summary(df, "m")
     iv = summ["budgets"]["64"]["plans"]["plan"]["vs_best_uniform"]
     assert iv["diff"] == pytest.approx(25) and iv["diff_ci95"][0] <= 25 <= iv["diff_ci95"][1]

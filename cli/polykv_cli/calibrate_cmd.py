@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -13,7 +12,7 @@ from rich.table import Table
 from polykv_cli.common import err, fail, one_line_errors, out
 
 
-def _csv(text: Optional[str]) -> list[str] | None:
+def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
@@ -22,22 +21,31 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def calibrate(
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, hub id, local dir or .gguf path."),
-        data: Optional[Path] = typer.Option(None, "--data", help="JSONL of {id, category, context, question, answers}."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="A LongBench-format HF dataset NAME[:CONFIG]."),
-        samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Use N samples, taken round-robin across categories."),
-        policies: Optional[str] = typer.Option(None, "--policies", help="Comma list (default: all registered)."),
-        budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma list (default: 16, 32, ... up to the context)."),
-        measure: str = typer.Option("scaled", "--measure", help="scaled (default: proxy curves, each layer scaled by e2e KL at 2 reference options) | proxy | e2e | both"),
+        data: Path | None = typer.Option(None, "--data", help="JSONL of {id, category, context, question, answers}."),
+        dataset: str | None = typer.Option(None, "--dataset", help="A LongBench-format HF dataset NAME[:CONFIG]."),
+        samples: int | None = typer.Option(
+            None, "--samples", "-n", help="Use N samples, taken round-robin across categories."
+        ),
+        policies: str | None = typer.Option(None, "--policies", help="Comma list (default: all registered)."),
+        budgets: str | None = typer.Option(
+            None, "--budgets", help="Comma list (default: 16, 32, ... up to the context)."
+        ),
+        measure: str = typer.Option(
+            "scaled",
+            "--measure",
+            help="scaled (default: proxy curves, each layer scaled by e2e KL at 2 reference options) | proxy | e2e | both",
+        ),
         max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
         e2e_batch: int = typer.Option(8, "--e2e-batch", help="Options per batched forward in e2e mode."),
         out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (resumed if it holds the same run)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different calibration in --out."),
-        device: Optional[str] = typer.Option(None, "--device"),
-        dtype: Optional[str] = typer.Option(None, "--dtype"),
-        device_map: Optional[str] = typer.Option(None, "--device-map", help="e.g. auto (accelerate) for big models."),
+        device: str | None = typer.Option(None, "--device"),
+        dtype: str | None = typer.Option(None, "--dtype"),
+        device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (accelerate) for big models."),
     ) -> None:
         """Measure per-layer attention statistics and sensitivity curves into a Parquet directory."""
-        from polykv.calibrate import CalibrationConfig, calibrate as run_calibration, default_data_path, finish, select_samples
+        from polykv.calibrate import CalibrationConfig, default_data_path, finish, select_samples
+        from polykv.calibrate import calibrate as run_calibration
         from polykv.calibrate.summary import best_policies, read_curves
         from polykv.data import data_hash, load_hf_dataset, load_samples
         from polykv.distributed import Dist
@@ -60,15 +68,23 @@ def register(app: typer.Typer) -> None:
             items = select_samples(items, samples)
         grid = parse_budgets(budgets) if budgets is not None else None
         config = CalibrationConfig(
-            policies=tuple(_csv(policies) or policy_names()), budgets=grid, measure=measure,
-            max_context=max_context, e2e_batch=e2e_batch,
+            policies=tuple(_csv(policies) or policy_names()),
+            budgets=grid,
+            measure=measure,
+            max_context=max_context,
+            e2e_batch=e2e_batch,
         )
         config.check()
         with Dist.from_env() as dist:
             loaded = load_model(model, device=device or dist.device(), dtype=dtype, device_map=device_map)
             progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=err, disable=dist.rank != 0 and not os.environ.get("POLYKV_ALL_RANKS"),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                disable=dist.rank != 0 and not os.environ.get("POLYKV_ALL_RANKS"),
             )
             with progress:
                 task_s = progress.add_task("samples", total=len(range(dist.rank, len(items), dist.world)))
@@ -80,9 +96,17 @@ def register(app: typer.Typer) -> None:
                         progress.update(task_c, total=(progress.tasks[1].total or 0) + configs)
 
                 meta = run_calibration(
-                    loaded, items, config, out_dir, data_hash(items), overwrite=overwrite,
-                    on_sample=on_sample, on_progress=lambda n: progress.advance(task_c, n),
-                    rank=dist.rank, world=dist.world, sync=dist.gather_objects,
+                    loaded,
+                    items,
+                    config,
+                    out_dir,
+                    data_hash(items),
+                    overwrite=overwrite,
+                    on_sample=on_sample,
+                    on_progress=lambda n: progress.advance(task_c, n),
+                    rank=dist.rank,
+                    world=dist.world,
+                    sync=dist.gather_objects,
                 )
             timings = dist.gather_objects(meta["timings"]["per_sample"])
             if dist.rank != 0:
@@ -100,6 +124,8 @@ def register(app: typer.Typer) -> None:
         for layer, row in best_policies(curves, show, metric).iterrows():
             table.add_row(str(layer), *[str(row.get(b, "")) for b in show])
         out.print(table)
-        total = sum(t.get("prefill_s", 0) + t.get("proxy", 0) + t.get("e2e", 0) + t.get("statistics", 0)
-                    for t in meta["timings"]["per_sample"].values())
+        total = sum(
+            t.get("prefill_s", 0) + t.get("proxy", 0) + t.get("e2e", 0) + t.get("statistics", 0)
+            for t in meta["timings"]["per_sample"].values()
+        )
         out.print(f"wrote {out_dir} ({len(items)} samples, {len(curves)} curve rows, {total:.0f} s of compute)")

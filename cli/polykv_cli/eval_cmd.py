@@ -9,7 +9,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,7 +21,9 @@ DEFAULT_METHODS = "full,uniform:*,pyramid,plan"
 def _machine() -> str:
     cpu = "unknown CPU"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l)
+        cpu = next(
+            l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l
+        )
     except (OSError, StopIteration):
         pass
     import torch
@@ -35,23 +36,32 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def eval_(
         model: str = typer.Option("smollm2-135m", "--model", "-m"),
-        tasks: Optional[Path] = typer.Option(None, "--tasks", help="A task JSONL file or a directory of them."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="LongBench-format HF dataset NAME[:CONFIG]."),
+        tasks: Path | None = typer.Option(None, "--tasks", help="A task JSONL file or a directory of them."),
+        dataset: str | None = typer.Option(None, "--dataset", help="LongBench-format HF dataset NAME[:CONFIG]."),
         budgets: str = typer.Option("64,128,256,512", "--budgets", help="Comma list of average budgets."),
-        methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma list of: full, uniform:POLICY, uniform:* (every policy), "
-                             "pyramid, plan[:PATH], plan-NAME:PATH."),
+        methods: str = typer.Option(
+            DEFAULT_METHODS,
+            "--methods",
+            help="Comma list of: full, uniform:POLICY, uniform:* (every policy), pyramid, plan[:PATH], plan-NAME:PATH.",
+        ),
         mode: str = typer.Option("query-aware", "--mode", help="query-aware | context-only"),
-        limit: Optional[int] = typer.Option(None, "--limit", help="At most N instances per task."),
+        limit: int | None = typer.Option(None, "--limit", help="At most N instances per task."),
         max_context: int = typer.Option(4096, "--max-context"),
         out_dir: Path = typer.Option(..., "--out", "-o"),
-        calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration dir for the heatmap."),
-        verify_prefill: int = typer.Option(0, "--verify-prefill", help="Also re-run K instances with one prefill per method: equality and speed-up."),
+        calibration: Path | None = typer.Option(None, "--calibration", help="Calibration dir for the heatmap."),
+        verify_prefill: int = typer.Option(
+            0, "--verify-prefill", help="Also re-run K instances with one prefill per method: equality and speed-up."
+        ),
         max_rows: int = typer.Option(64, "--max-rows", help="Compressed caches decoded together."),
-        workers: int = typer.Option(1, "--workers", help="Worker processes sharing the instances (each loads the "
-                                    "model; this process's threads are split between them)."),
+        workers: int = typer.Option(
+            1,
+            "--workers",
+            help="Worker processes sharing the instances (each loads the "
+            "model; this process's threads are split between them).",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
-        device: Optional[str] = typer.Option(None, "--device"),
-        dtype: Optional[str] = typer.Option(None, "--dtype"),
+        device: str | None = typer.Option(None, "--device"),
+        dtype: str | None = typer.Option(None, "--dtype"),
     ) -> None:
         """Full cache vs every uniform policy vs PyramidKV vs the plan, on long-context tasks; gap recovery."""
         import pandas as pd
@@ -59,8 +69,8 @@ def register(app: typer.Typer) -> None:
         import pyarrow.parquet as pq
 
         from polykv.errors import InputError
-        from polykv.evaluate.progress import clear_progress, load_progress, save_progress
         from polykv.evaluate.methods import parse_methods
+        from polykv.evaluate.progress import clear_progress, load_progress, save_progress
         from polykv.evaluate.report import render
         from polykv.evaluate.suite import load_default_suite, suite_files
         from polykv.evaluate.tasks import load_tasks
@@ -78,10 +88,11 @@ def register(app: typer.Typer) -> None:
             fail("pass either --tasks or --dataset, not both")
         if dataset is not None:
             from polykv.data import load_hf_dataset
-
             from polykv.evaluate.tasks import TaskInstance
 
-            instances = [TaskInstance(s.id, s.category, s.context, s.question, s.answers, "f1") for s in load_hf_dataset(dataset)]
+            instances = [
+                TaskInstance(s.id, s.category, s.context, s.question, s.answers, "f1") for s in load_hf_dataset(dataset)
+            ]
         elif tasks is not None:
             files = suite_files(tasks) if tasks.is_dir() else [tasks]
             instances = []
@@ -109,21 +120,35 @@ def register(app: typer.Typer) -> None:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             fail(f"cannot create --out {out_dir} ({exc.strerror}); choose a writable directory")
-        run_key = {"model": model, "methods": ",".join(m.spec for m in method_list), "budgets": grid, "mode": mode,
-                   "max_context": max_context, "instances": [f"{i.task}/{i.id}" for i in instances]}
+        run_key = {
+            "model": model,
+            "methods": ",".join(m.spec for m in method_list),
+            "budgets": grid,
+            "mode": mode,
+            "max_context": max_context,
+            "instances": [f"{i.task}/{i.id}" for i in instances],
+        }
         try:
             done_rows, done = load_progress(out_dir, run_key)
         except InputError as exc:
             fail(str(exc))
         if done:
-            err.print(f"resuming {out_dir}: {len(done)} of {len(instances)} instances already evaluated", soft_wrap=True)
+            err.print(
+                f"resuming {out_dir}: {len(done)} of {len(instances)} instances already evaluated", soft_wrap=True
+            )
         job = EvalJob(model, tuple(method_list), tuple(grid), mode, max_context, max_rows, device, dtype)
         pending = [i for i in instances if (i.task, i.id) not in done]
         verify = {(i.task, i.id) for i in instances[:verify_prefill]}
         rows, prefill_s, decode_s, checks = list(done_rows), 0.0, 0.0, []
         started = time.perf_counter()
-        with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=err) as progress:
+        with Progress(
+            TextColumn("[bold]eval"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+        ) as progress:
             task = progress.add_task("instances", total=len(instances), completed=len(done))
             for fin in run_instances(job, pending, verify, workers):
                 rows.extend(fin.result.rows)
@@ -136,14 +161,24 @@ def register(app: typer.Typer) -> None:
         position = {(i.task, i.id): k for k, i in enumerate(instances)}  # workers finish out of order
         rows.sort(key=lambda r: position[(str(r["task"]), str(r["instance_id"]))])
         results = pd.DataFrame(rows)
-        atomic_write(out_dir / "results.parquet",
-                     lambda tmp: pq.write_table(pa.Table.from_pandas(results, preserve_index=False), tmp))
+        atomic_write(
+            out_dir / "results.parquet",
+            lambda tmp: pq.write_table(pa.Table.from_pandas(results, preserve_index=False), tmp),
+        )
         plan_method = next((m for m in method_list if m.kind == "plan"), None)
         info = {
-            "model": model, "command": shlex.join(["polykv"] + sys.argv[1:]), "machine": _machine(), "mode": mode,
-            "instances": len(instances), "tasks": sorted({i.task for i in instances}), "max_context": max_context,
-            "seconds": {"total": round(time.perf_counter() - started, 1), "prefill_and_compress": round(prefill_s, 1),
-                        "decode": round(decode_s, 1)},
+            "model": model,
+            "command": shlex.join(["polykv"] + sys.argv[1:]),
+            "machine": _machine(),
+            "mode": mode,
+            "instances": len(instances),
+            "tasks": sorted({i.task for i in instances}),
+            "max_context": max_context,
+            "seconds": {
+                "total": round(time.perf_counter() - started, 1),
+                "prefill_and_compress": round(prefill_s, 1),
+                "decode": round(decode_s, 1),
+            },
             "workers": workers,
             "plans": {str(b): p for b, p in (plan_method.plans if plan_method else ())},
             "calibration": str(calibration) if calibration else None,
@@ -170,10 +205,14 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def report(
         out_dir: Path = typer.Argument(..., help="An evaluation directory (polykv eval --out)."),
-        tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma list): writes "
-                                            "report-<tasks>.md and summary-<tasks>.json."),
-        calibration: Optional[Path] = typer.Option(None, "--calibration", help="Use this calibration for the "
-                                                   "heatmap and the predicted-loss check (recorded in info.json)."),
+        tasks: str | None = typer.Option(
+            None, "--tasks", help="Only these tasks (comma list): writes report-<tasks>.md and summary-<tasks>.json."
+        ),
+        calibration: Path | None = typer.Option(
+            None,
+            "--calibration",
+            help="Use this calibration for the heatmap and the predicted-loss check (recorded in info.json).",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
     ) -> None:
         """Re-render report.md, summary.json and the plots of an evaluation directory (or a task subset's report)."""

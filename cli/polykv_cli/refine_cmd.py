@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich import box
@@ -17,20 +16,42 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def refine(
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, hub id, local dir or .gguf path."),
-        plans: Optional[Path] = typer.Option(None, "--plans", "-p", help="Plan file or directory (default plans/<model>/)."),
-        out_dir: Path = typer.Option(..., "--out", "-o", help="Directory for the refined plans (avg<budget>.json each)."),
-        budgets: Optional[str] = typer.Option(None, "--budgets", help="Only the plans at these average budgets, e.g. 128,256."),
-        data: Optional[Path] = typer.Option(None, "--data", help="Calibration JSONL (default: the shipped set)."),
-        samples: int = typer.Option(16, "--samples", "-n", help="Calibration samples the moves are measured on, taken round-robin across categories."),
-        holdout: Optional[int] = typer.Option(None, "--holdout", help="Further samples (the next round-robin ones) that only judge each round: a round is accepted only if it also lowers their loss. Default: the samples left after --samples, at most 8. 0: none."),
+        plans: Path | None = typer.Option(
+            None, "--plans", "-p", help="Plan file or directory (default plans/<model>/)."
+        ),
+        out_dir: Path = typer.Option(
+            ..., "--out", "-o", help="Directory for the refined plans (avg<budget>.json each)."
+        ),
+        budgets: str | None = typer.Option(
+            None, "--budgets", help="Only the plans at these average budgets, e.g. 128,256."
+        ),
+        data: Path | None = typer.Option(None, "--data", help="Calibration JSONL (default: the shipped set)."),
+        samples: int = typer.Option(
+            16,
+            "--samples",
+            "-n",
+            help="Calibration samples the moves are measured on, taken round-robin across categories.",
+        ),
+        holdout: int | None = typer.Option(
+            None,
+            "--holdout",
+            help="Further samples (the next round-robin ones) that only judge each round: a round is accepted only if it also lowers their loss. Default: the samples left after --samples, at most 8. 0: none.",
+        ),
         rounds: int = typer.Option(8, "--rounds", help="At most this many rounds of moves per plan."),
-        caution: float = typer.Option(1.0, "--caution", help="Rank moves by mean change + this many standard errors over the samples (0: the mean alone)."),
-        min_gain: float = typer.Option(0.01, "--min-gain", help="Stop when a round lowers the loss by less (relative)."),
+        caution: float = typer.Option(
+            1.0,
+            "--caution",
+            help="Rank moves by mean change + this many standard errors over the samples (0: the mean alone).",
+        ),
+        min_gain: float = typer.Option(
+            0.01, "--min-gain", help="Stop when a round lowers the loss by less (relative)."
+        ),
         max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
-        device: Optional[str] = typer.Option(None, "--device"),
-        dtype: Optional[str] = typer.Option(None, "--dtype"),
+        device: str | None = typer.Option(None, "--device"),
+        dtype: str | None = typer.Option(None, "--dtype"),
     ) -> None:
         """Local search on each plan: single-layer moves measured with every layer compressed, kept if they help."""
+        from polykv.answer_loss import prepare_samples
         from polykv.calibrate import default_data_path, round_robin
         from polykv.calibrate.runner import budget_grid
         from polykv.data import load_samples
@@ -38,9 +59,8 @@ def register(app: typer.Typer) -> None:
         from polykv.models import fingerprint, load_model
         from polykv.plan import Plan
         from polykv.policies import policy_names
-        from polykv.solve.constraints import parse_budgets
-        from polykv.answer_loss import prepare_samples
         from polykv.refine import refine_plan
+        from polykv.solve.constraints import parse_budgets
 
         if samples < 1 or rounds < 1 or (holdout or 0) < 0 or caution < 0:
             fail("--samples and --rounds must be at least 1, --holdout and --caution at least 0")
@@ -52,8 +72,10 @@ def register(app: typer.Typer) -> None:
             wanted = set(parse_budgets(budgets))
             missing = sorted(wanted - {b for b, _ in found})
             if missing:
-                fail(f"no plan in {source} at average budget {', '.join(map(str, missing))}; have "
-                     f"{', '.join(str(b) for b, _ in found) or 'none'}")
+                fail(
+                    f"no plan in {source} at average budget {', '.join(map(str, missing))}; have "
+                    f"{', '.join(str(b) for b, _ in found) or 'none'}"
+                )
             found = [(b, p) for b, p in found if b in wanted]
         if not found:
             fail(f"no plans with an integer average_budget in {source}")
@@ -62,8 +84,10 @@ def register(app: typer.Typer) -> None:
         if holdout is None:
             holdout = max(0, min(8, len(available) - samples))
         if samples + holdout > len(available):
-            fail(f"{path} holds {len(available)} samples; --samples {samples} plus --holdout {holdout} need "
-                 f"{samples + holdout}: lower them or pass --data with more")
+            fail(
+                f"{path} holds {len(available)} samples; --samples {samples} plus --holdout {holdout} need "
+                f"{samples + holdout}: lower them or pass --data with more"
+            )
         items = round_robin(available)[: samples + holdout]  # the first --samples are those calibrate takes
         loaded = load_model(model, device=device, dtype=dtype)
         fp = fingerprint(loaded.model.config)
@@ -83,9 +107,18 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, justify="right")
         written = []
         for budget, plan in source_plans:
-            result = refine_plan(loaded.model, prepared, plan, grid, policies, rounds, min_gain,
-                                 log=lambda m: err.print(m, highlight=False, soft_wrap=True), held_out=held_out,
-                                 caution=caution)
+            result = refine_plan(
+                loaded.model,
+                prepared,
+                plan,
+                grid,
+                policies,
+                rounds,
+                min_gain,
+                log=lambda m: err.print(m, highlight=False, soft_wrap=True),
+                held_out=held_out,
+                caution=caution,
+            )
             target = out_dir / f"avg{budget}.json"
             result.plan.save(target)
             written.append(target)
@@ -93,9 +126,12 @@ def register(app: typer.Typer) -> None:
             row = [str(budget), f"{result.losses[0]:.4f}", f"{result.losses[-1]:.4f}", str(len(result.moves))]
             row += [f"{result.held_out[0]:.4f}", f"{result.held_out[-1]:.4f}"] if held_out else []
             table.add_row(*row, str(changed), f"{result.seconds:.0f}")
-        out.print(f"[bold]{loaded.name}[/] · {len(prepared)} samples, {len(held_out)} held out · objective: mean "
-                  "KL(full || plan) on answers",
-                  highlight=False, soft_wrap=True)
+        out.print(
+            f"[bold]{loaded.name}[/] · {len(prepared)} samples, {len(held_out)} held out · objective: mean "
+            "KL(full || plan) on answers",
+            highlight=False,
+            soft_wrap=True,
+        )
         out.print(table)
         for target in written:
             out.print(str(target), highlight=False, markup=False, soft_wrap=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -30,19 +29,23 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def run(
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, hub id, local dir or .gguf path."),
-        plan: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (polykv solve) or a list of {policy, budget}."),
-        policy: Optional[str] = typer.Option(None, "--policy", help="One policy for every layer (with --budget)."),
-        budget: Optional[int] = typer.Option(None, "--budget", help="Tokens kept per layer with --policy."),
+        plan: Path | None = typer.Option(
+            None, "--plan", help="A plan JSON (polykv solve) or a list of {policy, budget}."
+        ),
+        policy: str | None = typer.Option(None, "--policy", help="One policy for every layer (with --budget)."),
+        budget: int | None = typer.Option(None, "--budget", help="Tokens kept per layer with --policy."),
         param: list[str] = typer.Option([], "--param", help="Policy parameter key=value (with --policy)."),
-        prompt: Optional[str] = typer.Option(None, "--prompt", help="The context text."),
-        prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the context from a file ('-' = stdin)."),
-        question: Optional[str] = typer.Option(None, "--question", help="A question appended after the context."),
+        prompt: str | None = typer.Option(None, "--prompt", help="The context text."),
+        prompt_file: Path | None = typer.Option(
+            None, "--prompt-file", help="Read the context from a file ('-' = stdin)."
+        ),
+        question: str | None = typer.Option(None, "--question", help="A question appended after the context."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
         mode: str = typer.Option("query-aware", "--mode", help="query-aware | context-only"),
-        max_context: Optional[int] = typer.Option(None, "--max-context", help="Truncate the context (middle) to fit."),
-        device: Optional[str] = typer.Option(None, "--device"),
-        dtype: Optional[str] = typer.Option(None, "--dtype"),
-        device_map: Optional[str] = typer.Option(None, "--device-map", help="e.g. auto (accelerate) for big models."),
+        max_context: int | None = typer.Option(None, "--max-context", help="Truncate the context (middle) to fit."),
+        device: str | None = typer.Option(None, "--device"),
+        dtype: str | None = typer.Option(None, "--dtype"),
+        device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (accelerate) for big models."),
         attn: str = typer.Option("sdpa", "--attn", help="sdpa | eager"),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     ) -> None:

@@ -8,7 +8,7 @@ on this loss and the guard of `polykv solve` judges candidate plans with it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -67,16 +67,26 @@ class Objective:
         return out
 
 
-def prepare_samples(loaded, items: list, max_context: int | None, on_sample: Callable[[int], None] | None = None
-                    ) -> list[PreparedSample]:
+def prepare_samples(
+    loaded, items: list, max_context: int | None, on_sample: Callable[[int], None] | None = None
+) -> list[PreparedSample]:
     """Prefill each calibration item once (capture + teacher-forced full-cache answer), as `calibrate` does."""
     from polykv.calibrate.runner import CAPTURE_WINDOW
     from polykv.calibrate.sample import prepare
 
     out = []
     for i, item in enumerate(items):
-        out.append(prepare(loaded.model, loaded.tokenizer, item.context, item.question, item.answers[0],
-                           max_context, CAPTURE_WINDOW))
+        out.append(
+            prepare(
+                loaded.model,
+                loaded.tokenizer,
+                item.context,
+                item.question,
+                item.answers[0],
+                max_context,
+                CAPTURE_WINDOW,
+            )
+        )
         if on_sample:
             on_sample(i)
     return out

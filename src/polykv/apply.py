@@ -7,9 +7,9 @@ a question fed as a chunk) attend only to what was kept. On exit the model is ex
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from torch import nn
 from transformers.cache_utils import Cache
@@ -43,7 +43,9 @@ def resolve_settings(model: nn.Module, spec) -> list[LayerSetting]:
         return list(spec)
     if isinstance(spec, Sequence):
         return from_layer_dicts(list(spec), n)
-    raise TypeError(f"cannot apply {type(spec).__name__}: pass a Plan, a plan path, a list of settings or (policy, budget)")
+    raise TypeError(
+        f"cannot apply {type(spec).__name__}: pass a Plan, a plan path, a list of settings or (policy, budget)"
+    )
 
 
 @contextmanager
@@ -54,7 +56,9 @@ def apply(model: nn.Module, plan_or_policy) -> Iterator[list[LayerSetting]]:
     def use_polykv_cache(module, args, kwargs):
         key = cache_key_in(kwargs, model)
         cache = kwargs.get(key)
-        empty = cache is None or (isinstance(cache, Cache) and not isinstance(cache, PolyKVCache) and cache.get_seq_length() == 0)
+        empty = cache is None or (
+            isinstance(cache, Cache) and not isinstance(cache, PolyKVCache) and cache.get_seq_length() == 0
+        )
         if empty and kwargs.get("use_cache", True) is not False and forward_input(args, kwargs) is not None:
             kwargs[key] = PolyKVCache.for_config(model.config, settings=settings)
         return args, kwargs

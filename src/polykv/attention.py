@@ -14,8 +14,8 @@ Nothing global is patched: models not switched to these implementations are unto
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -121,8 +121,14 @@ def cache_after_prefill(cache: PolyKVCache, layer_idx: int, query: Tensor, scali
         cache.observer.record(layer_idx, layer, query, scaling, softcap, valid)
     if setting is not None:
         obs = observe_layer(
-            layer_idx, layer, query, scaling, softcap, valid,
-            window=setting.policy.queries_needed(), cumulative=setting.policy.needs_cumulative,
+            layer_idx,
+            layer,
+            query,
+            scaling,
+            softcap,
+            valid,
+            window=setting.policy.queries_needed(),
+            cumulative=setting.policy.needs_cumulative,
         )
         layer.keep(setting.kept_indices(obs))
 

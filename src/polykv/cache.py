@@ -202,7 +202,7 @@ class PolyKVCache(Cache):
         self.column_valid: Tensor | None = None
 
     @classmethod
-    def for_config(cls, config, settings=None, observer=None) -> "PolyKVCache":
+    def for_config(cls, config, settings=None, observer=None) -> PolyKVCache:
         text = config.get_text_config(decoder=True)
         types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
         window = getattr(text, "sliding_window", None)
@@ -276,8 +276,10 @@ def stack(caches: list[PolyKVCache], slack: int = 0) -> PolyKVCache:
         for name in ("keys", "values", "columns"):
             setattr(dst, name, stacked(name, [getattr(l, name) for l in per_row], 0))
         if ragged:
-            valid = [l.entry_valid if l.entry_valid is not None else torch.ones_like(l.columns, dtype=torch.bool)
-                     for l in per_row]
+            valid = [
+                l.entry_valid if l.entry_valid is not None else torch.ones_like(l.columns, dtype=torch.bool)
+                for l in per_row
+            ]
             dst.entry_valid = stacked("entry_valid", valid, False)
         cols = dst.columns
         dst.uniform_heads = bool((cols == cols[:, :1]).all())

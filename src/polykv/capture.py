@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from polykv.attention import polykv_attention
 from polykv.cache import PolyKVCache, PolyKVLayer
 from polykv.compat import with_cache
+from polykv.observe import observe_layer
 from polykv.policies import LayerObservation
 from polykv.settings import LayerSetting
-from polykv.observe import observe_layer
 
 DEFAULT_WINDOW = 64
 
@@ -35,7 +35,6 @@ class Observer:
         self.observations[layer_idx] = observe_layer(
             layer_idx, layer, query, scaling, softcap, valid, self.window, self.cumulative
         )
-
 
     def record_chunk(self, layer_idx: int, query: Tensor) -> None:
         prev = self.chunk_queries.get(layer_idx)
@@ -66,13 +65,18 @@ class Capture:
             dst = clone_layer(src)
             if setting is not None:
                 obs = self.observation(i)
-                if setting.policy.queries_needed() > obs.window_queries.shape[2] and obs.num_tokens > obs.window_queries.shape[2]:
+                if (
+                    setting.policy.queries_needed() > obs.window_queries.shape[2]
+                    and obs.num_tokens > obs.window_queries.shape[2]
+                ):
                     raise ValueError(
                         f"policy {setting.policy.name} needs {setting.policy.queries_needed()} window queries but the "
                         f"capture kept {obs.window_queries.shape[2]}; capture with a larger window"
                     )
                 if setting.policy.needs_cumulative and obs.cumulative_attention is None:
-                    raise ValueError(f"policy {setting.policy.name} needs cumulative attention; capture with cumulative=True")
+                    raise ValueError(
+                        f"policy {setting.policy.name} needs cumulative attention; capture with cumulative=True"
+                    )
                 dst.keep(setting.kept_indices(obs))
             layers.append(dst)
         out = PolyKVCache(layers)
@@ -100,7 +104,10 @@ def capture(
     cache = PolyKVCache.for_config(model.config, observer=observer)
     with polykv_attention(model):
         out = model(
-            input_ids=input_ids, attention_mask=attention_mask, **with_cache(model, cache), use_cache=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **with_cache(model, cache),
+            use_cache=True,
             logits_to_keep=1,
         )
     return Capture(cache=cache, observer=observer, last_logits=out.logits[:, -1, :])

@@ -8,7 +8,7 @@ that it works on both sides of the rename.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 NEW, OLD = "cache", "past_key_values"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _argument_of(forward_owner: type) -> str:
     params = inspect.signature(forward_owner.forward).parameters
     return NEW if NEW in params else OLD

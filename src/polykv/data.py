@@ -92,8 +92,10 @@ def from_longbench_rows(rows: Iterable[dict], name: str) -> list[Sample]:
     for i, row in enumerate(rows):
         for key in ("input", "context", "answers"):
             if key not in row:
-                raise DataError(f"{name} row {i}: missing LongBench field '{key}'; pass data in LongBench format "
-                                "(input, context, answers, dataset, _id) or our JSONL schema")
+                raise DataError(
+                    f"{name} row {i}: missing LongBench field '{key}'; pass data in LongBench format "
+                    "(input, context, answers, dataset, _id) or our JSONL schema"
+                )
         answers = row["answers"]
         answers = [answers] if isinstance(answers, str) else [str(a) for a in (answers or [])]
         if not answers:
@@ -109,8 +111,19 @@ def from_longbench_rows(rows: Iterable[dict], name: str) -> list[Sample]:
 
 def _unreachable(exc: BaseException) -> bool:
     """Heuristic: does this exception (or its causes) mean the hub could not be contacted?"""
-    words = ("connection", "offline", "couldn't reach", "could not reach", "timed out", "timeout",
-             "name resolution", "network", "localentrynotfound", "max retries", "temporary failure")
+    words = (
+        "connection",
+        "offline",
+        "couldn't reach",
+        "could not reach",
+        "timed out",
+        "timeout",
+        "name resolution",
+        "network",
+        "localentrynotfound",
+        "max retries",
+        "temporary failure",
+    )
     while exc is not None:
         text = f"{type(exc).__name__} {exc}".lower()
         if isinstance(exc, (ConnectionError, TimeoutError)) or any(w in text for w in words):
@@ -144,10 +157,14 @@ def load_hf_dataset(spec: str, split: str = "test", limit: int | None = None) ->
     except Exception as exc:  # datasets raises many unrelated types; all of them mean "cannot load"
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         if not local and _unreachable(exc):
-            raise DataError(f"cannot load {spec}: the Hugging Face hub is not reachable ({first}); "
-                            "pass --data with a local JSONL file instead") from exc
-        raise DataError(f"cannot load {spec} ({type(exc).__name__}: {first}); check the name, config and split, "
-                        "or pass --data with a local JSONL file") from exc
+            raise DataError(
+                f"cannot load {spec}: the Hugging Face hub is not reachable ({first}); "
+                "pass --data with a local JSONL file instead"
+            ) from exc
+        raise DataError(
+            f"cannot load {spec} ({type(exc).__name__}: {first}); check the name, config and split, "
+            "or pass --data with a local JSONL file"
+        ) from exc
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return from_longbench_rows(iter(ds), name)

@@ -21,7 +21,7 @@ class Dist:
     initialised: bool = False
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -44,7 +44,7 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def __enter__(self) -> "Dist":
+    def __enter__(self) -> Dist:
         return self
 
     def __exit__(self, *exc) -> None:

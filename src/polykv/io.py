@@ -7,8 +7,9 @@ import json
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from polykv.errors import OutputError
 
@@ -26,8 +27,7 @@ def maybe_crash(point: str) -> None:
 
 def _cannot_write(path: Path, exc: OSError) -> OutputError:
     reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
-    return OutputError(f"cannot write {path} ({reason}); choose an output path in a writable directory "
-                       "with free space")
+    return OutputError(f"cannot write {path} ({reason}); choose an output path in a writable directory with free space")
 
 
 def check_writable(path: str | Path) -> None:

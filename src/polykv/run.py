@@ -73,7 +73,9 @@ def run(
         stats = cache.stats()  # the compressed prompt, before any chunk or generated token is appended
         logits = out.logits[:, -1, :]
         if first.shape[1] < prompt.length:
-            logits = model(input_ids=prompt.question.to(device), **with_cache(model, cache), use_cache=True).logits[:, -1, :]
+            logits = model(input_ids=prompt.question.to(device), **with_cache(model, cache), use_cache=True).logits[
+                :, -1, :
+            ]
     t1 = time.perf_counter()
     tokens = greedy(model, cache, logits, max_new_tokens, eos)
     t2 = time.perf_counter()

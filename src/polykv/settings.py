@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -65,8 +66,10 @@ def from_layer_dicts(layers: Sequence[dict], num_layers: int) -> list[LayerSetti
             raise InputError(f"layer {i} of the plan needs 'policy' and 'budget' keys, got {got}")
         budget = item["budget"]
         if not isinstance(item["policy"], str) or isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
-            raise InputError(f"layer {i} of the plan needs a string 'policy' and an integer 'budget', "
-                             f"got {item['policy']!r} and {budget!r}")
+            raise InputError(
+                f"layer {i} of the plan needs a string 'policy' and an integer 'budget', "
+                f"got {item['policy']!r} and {budget!r}"
+            )
         out.append(LayerSetting(_policy(item["policy"], item.get("params")), int(budget)))
     return out
 
@@ -78,7 +81,9 @@ def load_settings(path: str | Path, num_layers: int, fingerprint: dict | None = 
     except FileNotFoundError:
         raise InputError(f"plan file {path} does not exist; check the path or run `polykv solve`") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read plan {path} as UTF-8 JSON ({exc}); pass a plan written by `polykv solve`") from None
+        raise InputError(
+            f"cannot read plan {path} as UTF-8 JSON ({exc}); pass a plan written by `polykv solve`"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -94,4 +99,6 @@ def from_plan(plan, num_layers: int, fingerprint: dict | None = None) -> list[La
     """Settings from a loaded `Plan`, after checking it was made for this model (when a fingerprint is given)."""
     if fingerprint is not None:
         plan.check_model(fingerprint)
-    return from_layer_dicts([{"policy": l.policy, "budget": l.budget, "params": l.params} for l in plan.layers], num_layers)
+    return from_layer_dicts(
+        [{"policy": l.policy, "budget": l.budget, "params": l.params} for l in plan.layers], num_layers
+    )

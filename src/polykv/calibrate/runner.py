@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
@@ -93,7 +94,9 @@ def calibration_options(config: CalibrationConfig, prompt_tokens: int) -> list[O
     return opts
 
 
-def measure_sample(model, prepared: PreparedSample, config: CalibrationConfig, tick: Callable[[int], None] | None = None):
+def measure_sample(
+    model, prepared: PreparedSample, config: CalibrationConfig, tick: Callable[[int], None] | None = None
+):
     """Curve rows and statistics rows (as tuples) for one prepared sample, and the seconds each part took."""
     options = calibration_options(config, prepared.prompt_tokens)
     curves, stats, seconds = [], [], {"proxy": 0.0, "e2e": 0.0, "statistics": 0.0}
@@ -117,8 +120,9 @@ def measure_sample(model, prepared: PreparedSample, config: CalibrationConfig, t
         if config.measure == "scaled":
             t = time.perf_counter()
             refs = [Option(name, b, LayerSetting(make_policy(name), b)) for name, b in REFERENCE_OPTIONS]
-            for opt, (_, kl), (err, _) in zip(refs, e2e_losses(model, prepared, layer, refs, config.e2e_batch),
-                                              proxy_losses(prepared, layer, refs)):
+            for opt, (_, kl), (err, _) in zip(
+                refs, e2e_losses(model, prepared, layer, refs, config.e2e_batch), proxy_losses(prepared, layer, refs)
+            ):
                 curves.append((layer, None, opt.policy, opt.budget, "ref_e2e_kl", kl))
                 curves.append((layer, None, opt.policy, opt.budget, "ref_proxy_err", err))
             seconds["e2e"] += time.perf_counter() - t
@@ -254,8 +258,13 @@ def calibrate(
             continue
         t0 = time.perf_counter()
         prepared = prepare(
-            loaded.model, loaded.tokenizer, sample.context, sample.question, sample.answers[0],
-            config.max_context, CAPTURE_WINDOW,
+            loaded.model,
+            loaded.tokenizer,
+            sample.context,
+            sample.question,
+            sample.answers[0],
+            config.max_context,
+            CAPTURE_WINDOW,
         )
         t1 = time.perf_counter()
         if on_sample:
@@ -271,9 +280,14 @@ def calibrate(
         **run_info,
         "fingerprint_hash": fp_hash,
         "polykv_version": polykv_version(),
-        "curve_metrics": list(dict.fromkeys(m for k, ms in CURVE_METRICS.items()
-                                            if config.measure == k or (config.measure == "both" and k != "scaled")
-                                            for m in ms)),
+        "curve_metrics": list(
+            dict.fromkeys(
+                m
+                for k, ms in CURVE_METRICS.items()
+                if config.measure == k or (config.measure == "both" and k != "scaled")
+                for m in ms
+            )
+        ),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "timings": {"this_process_s": time.perf_counter() - started, "per_sample": timings},
     }
@@ -285,7 +299,9 @@ def finish(out: str | Path, meta: dict, extra_timings: list[dict] | None = None)
     out = Path(out)
     missing = [i for i in range(len(meta["sample_ids"])) if not (out / "curves" / f"part-{i:05d}.parquet").exists()]
     if missing:
-        raise CalibrationError(f"{len(missing)} samples have no curves yet (first: #{missing[0]}); run calibrate again to resume")
+        raise CalibrationError(
+            f"{len(missing)} samples have no curves yet (first: #{missing[0]}); run calibrate again to resume"
+        )
     for t in extra_timings or []:
         meta["timings"]["per_sample"].update(t)
     atomic_write_json(out / "metadata.json", meta)

@@ -34,8 +34,9 @@ class PreparedSample:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, tokenizer, context: str, question: str, answer: str, max_context: int | None,
-            window: int) -> PreparedSample:
+def prepare(
+    model: nn.Module, tokenizer, context: str, question: str, answer: str, max_context: int | None, window: int
+) -> PreparedSample:
     """Prefill the prompt once (recording every layer), then teacher-force the answer over the full cache."""
     prompt = encode(tokenizer, context, question, max_tokens=max_context)
     ans = tokenizer(answer.strip(), add_special_tokens=False, return_tensors="pt").input_ids

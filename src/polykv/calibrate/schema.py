@@ -39,8 +39,11 @@ SCHEMA = pa.schema(
     metadata={"polykv_schema_version": str(SCHEMA_VERSION)},
 )
 
-CURVE_METRICS = {"proxy": ("proxy_err", "proxy_mass"), "e2e": ("e2e_dnll", "e2e_kl"),
-                 "scaled": ("proxy_err", "proxy_mass", "ref_e2e_kl", "ref_proxy_err", "uniform_e2e_kl")}
+CURVE_METRICS = {
+    "proxy": ("proxy_err", "proxy_mass"),
+    "e2e": ("e2e_dnll", "e2e_kl"),
+    "scaled": ("proxy_err", "proxy_mass", "ref_e2e_kl", "ref_proxy_err", "uniform_e2e_kl"),
+}
 
 
 def table(rows: dict[str, list]) -> pa.Table:

@@ -10,8 +10,8 @@ A capture that cannot be shared falls back to stacked copies batched by `batchin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -25,8 +25,8 @@ from polykv.evaluate.tasks import TaskInstance, score
 from polykv.generation import decode_text, eos_ids, greedy
 from polykv.models import LoadedModel, fingerprint
 from polykv.prompts import encode
-from polykv.shared_prefix import has_sinks, shareable, shared_batch
 from polykv.settings import LayerSetting
+from polykv.shared_prefix import has_sinks, shareable, shared_batch
 
 
 @dataclass
@@ -106,9 +106,15 @@ def evaluate_instance(
         for i, text in zip(batch, decode_text(tok, tokens, eos)):
             stats = compressed[i].stats()
             rows[i] = {
-                "instance_id": inst.id, "task": inst.task, "method": jobs[i].method, "budget": jobs[i].budget,
-                "score": score(inst.metric, text, inst.answers), "prediction": text,
-                "kv_bytes": stats.kv_bytes, "kv_bytes_full": stats.kv_bytes_full, "prompt_tokens": prompt.length,
+                "instance_id": inst.id,
+                "task": inst.task,
+                "method": jobs[i].method,
+                "budget": jobs[i].budget,
+                "score": score(inst.metric, text, inst.answers),
+                "prediction": text,
+                "kv_bytes": stats.kv_bytes,
+                "kv_bytes_full": stats.kv_bytes_full,
+                "prompt_tokens": prompt.length,
             }
     return InstanceResult(inst, prompt.length, rows, t1 - t0, time.perf_counter() - t1)
 
@@ -155,8 +161,22 @@ def reprefill_instance(
     t0 = time.perf_counter()
     for m in methods:
         for b in m.budgets(budgets):
-            text = run(loaded, m.settings(b, fp) or keep_all, inst.context, inst.question,
-                       inst.max_new_tokens or default_new_tokens, mode, max_context).text
-            rows.append({"instance_id": inst.id, "method": m.name, "budget": b, "prediction": text,
-                         "score": score(inst.metric, text, inst.answers)})
+            text = run(
+                loaded,
+                m.settings(b, fp) or keep_all,
+                inst.context,
+                inst.question,
+                inst.max_new_tokens or default_new_tokens,
+                mode,
+                max_context,
+            ).text
+            rows.append(
+                {
+                    "instance_id": inst.id,
+                    "method": m.name,
+                    "budget": b,
+                    "prediction": text,
+                    "score": score(inst.metric, text, inst.answers),
+                }
+            )
     return rows, time.perf_counter() - t0

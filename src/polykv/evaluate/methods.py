@@ -61,7 +61,9 @@ class Method:
             from polykv.solve.allocations import pyramid_budgets
 
             policy = make_policy("snapkv")
-            return [LayerSetting(policy, max(1, b)) for b in pyramid_budgets(CostModel.for_fingerprint(fingerprint), budget)]
+            return [
+                LayerSetting(policy, max(1, b)) for b in pyramid_budgets(CostModel.for_fingerprint(fingerprint), budget)
+            ]
         return from_plan(self.plan_for(budget), n, fingerprint)
 
 
@@ -106,8 +108,10 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
                 raise InputError(f"no plans with an integer average_budget in {target}")
             methods.append(Method(name, "plan", plans=tuple(plans), source=str(target)))
         else:
-            raise InputError(f"unknown method {item!r}; use full, uniform:<policy>, uniform:*, pyramid, plan:<path> or "
-                             "plan-<name>:<path> (name: letters, digits, _ and .)")
+            raise InputError(
+                f"unknown method {item!r}; use full, uniform:<policy>, uniform:*, pyramid, plan:<path> or "
+                "plan-<name>:<path> (name: letters, digits, _ and .)"
+            )
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise InputError(f"a method is listed twice in {spec!r}")

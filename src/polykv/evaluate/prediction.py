@@ -64,6 +64,8 @@ def prediction_check(results: pd.DataFrame, info: dict, calibration: Path) -> di
         "spearman_all": _spearman(list(both.predicted_loss), list(both.score)),
         "per_budget": per_budget,
         "plans": plans,
-        "predicted": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
-                      for r in both.drop(columns="metric").to_dict("records")],
+        "predicted": [
+            {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in both.drop(columns="metric").to_dict("records")
+        ],
     }

@@ -28,12 +28,16 @@ def load_progress(out_dir: Path, key: dict) -> tuple[list[dict], set[tuple[str, 
         saved = json.loads(path.read_text())
         rows = pd.read_parquet(out_dir / PARTIAL).to_dict("records")
     except (OSError, ValueError) as exc:
-        raise InputError(f"{out_dir} holds an unreadable evaluation checkpoint ({exc}); delete {path} and "
-                         f"{out_dir / PARTIAL} to start again") from exc
+        raise InputError(
+            f"{out_dir} holds an unreadable evaluation checkpoint ({exc}); delete {path} and "
+            f"{out_dir / PARTIAL} to start again"
+        ) from exc
     if saved.get("key") != key:
         changed = sorted(k for k in key if saved.get("key", {}).get(k) != key[k])
-        raise InputError(f"{out_dir} holds an unfinished evaluation with other settings ({', '.join(changed)} "
-                         f"differ); resume it with the same options, or choose another --out")
+        raise InputError(
+            f"{out_dir} holds an unfinished evaluation with other settings ({', '.join(changed)} "
+            f"differ); resume it with the same options, or choose another --out"
+        )
     return rows, {(str(r["task"]), str(r["instance_id"])) for r in rows}
 
 

@@ -37,8 +37,12 @@ def _interval(results: pd.DataFrame, plan: str, best: str | None, budget: int) -
     iv = paired_interval(results, plan, best, int(budget))
     if iv is None:
         return None
-    return {"diff": iv.diff, "diff_ci95": list(iv.diff_ci),
-            "gap_recovery_ci95": None if iv.gap_ci is None else list(iv.gap_ci), "gap_draws": iv.gap_draws}
+    return {
+        "diff": iv.diff,
+        "diff_ci95": list(iv.diff_ci),
+        "gap_recovery_ci95": None if iv.gap_ci is None else list(iv.gap_ci),
+        "gap_draws": iv.gap_draws,
+    }
 
 
 def summary(results: pd.DataFrame, model: str, tasks: list[str] | None = None) -> dict:
@@ -61,9 +65,15 @@ def summary(results: pd.DataFrame, model: str, tasks: list[str] | None = None) -
         uniform = at[at.method.str.startswith("uniform:")]
         best = uniform.loc[uniform.score.idxmax()] if len(uniform) else None
         best_score = None if best is None else float(best.score)
-        plans = {name: {"score": methods[name], "gap_recovery": _gap(methods[name], best_score, full_score),
-                        "vs_best_uniform": _interval(results, name, None if best is None else best.method, budget)}
-                 for name in plan_names if name in methods}
+        plans = {
+            name: {
+                "score": methods[name],
+                "gap_recovery": _gap(methods[name], best_score, full_score),
+                "vs_best_uniform": _interval(results, name, None if best is None else best.method, budget),
+            }
+            for name in plan_names
+            if name in methods
+        }
         for p in plans.values():  # no gap, no interval for it (the draws' ratio would be as meaningless)
             if p["gap_recovery"] is None and p["vs_best_uniform"] is not None:
                 p["vs_best_uniform"]["gap_recovery_ci95"] = None
@@ -89,11 +99,17 @@ def markdown(results: pd.DataFrame, info: dict, summ: dict) -> str:
     lines += ["", "## Average score (0-100) per method and average budget", ""]
     avg = scores[scores.task == "average"].pivot(index="method", columns="budget", values="score")
     lines.append(_md_table(avg))
-    lines += ["", "## Gap recovery: (plan - best uniform) / (full - best uniform)", "",
-              "Intervals: paired bootstrap over instances (resampled within each task, 2000 draws), 95 %. A plan "
-              "matches the best uniform policy where the interval of their difference holds 0.", "",
-              "| budget | full | best uniform | plan method | plan | plan - best (95 % CI) | gap recovery | "
-              "gap recovery 95 % CI |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Gap recovery: (plan - best uniform) / (full - best uniform)",
+        "",
+        "Intervals: paired bootstrap over instances (resampled within each task, 2000 draws), 95 %. A plan "
+        "matches the best uniform policy where the interval of their difference holds 0.",
+        "",
+        "| budget | full | best uniform | plan method | plan | plan - best (95 % CI) | gap recovery | "
+        "gap recovery 95 % CI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for b, v in summ["budgets"].items():
         best = v["best_uniform"]
         full = "n/a" if v["full"] is None else f"{v['full']:.2f}"
@@ -102,22 +118,30 @@ def markdown(results: pd.DataFrame, info: dict, summ: dict) -> str:
             gap = "n/a" if p["gap_recovery"] is None else f"{100 * p['gap_recovery']:.1f}%"
             iv = p.get("vs_best_uniform")
             diff = "n/a" if iv is None else f"{iv['diff']:+.2f} [{iv['diff_ci95'][0]:+.2f}, {iv['diff_ci95'][1]:+.2f}]"
-            g_ci = ("n/a" if iv is None or iv["gap_recovery_ci95"] is None or p["gap_recovery"] is None else
-                    f"[{100 * iv['gap_recovery_ci95'][0]:.0f}%, {100 * iv['gap_recovery_ci95'][1]:.0f}%]")
+            g_ci = (
+                "n/a"
+                if iv is None or iv["gap_recovery_ci95"] is None or p["gap_recovery"] is None
+                else f"[{100 * iv['gap_recovery_ci95'][0]:.0f}%, {100 * iv['gap_recovery_ci95'][1]:.0f}%]"
+            )
             lines.append(f"| {b} | {full} | {best_s} | {name} | {p['score']:.2f} | {diff} | {gap} | {g_ci} |")
     if summ.get("prediction"):
         pred = summ["prediction"]
-        lines += ["", "## Does the calibration predict the scores?", "",
-                  f"Spearman rank correlation between a configuration's predicted loss (sum over layers of the "
-                  f"calibration's aggregated `{pred['metric']}`) and its measured average score, over "
-                  f"{pred['points']} compressed (method, budget) points: **{_fmt(pred['spearman_all'])}** (negative = "
-                  f"lower predicted loss, higher score). Within each budget, across methods:",
-                  "", "| budget | methods | Spearman |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Does the calibration predict the scores?",
+            "",
+            f"Spearman rank correlation between a configuration's predicted loss (sum over layers of the "
+            f"calibration's aggregated `{pred['metric']}`) and its measured average score, over "
+            f"{pred['points']} compressed (method, budget) points: **{_fmt(pred['spearman_all'])}** (negative = "
+            f"lower predicted loss, higher score). Within each budget, across methods:",
+            "",
+            "| budget | methods | Spearman |",
+            "|---|---|---|",
+        ]
         for b, r in pred["per_budget"].items():
             lines.append(f"| {b} | {r['methods']} | {_fmt(r['spearman'])} |")
         for name, r in pred["plans"].items():
-            lines.append(f"\nAlong the frontier of `{name}` ({r['points']} budgets): Spearman "
-                         f"{_fmt(r['spearman'])}.")
+            lines.append(f"\nAlong the frontier of `{name}` ({r['points']} budgets): Spearman {_fmt(r['spearman'])}.")
     lines += ["", "## Per task", ""]
     for task, group in scores[scores.task != "average"].groupby("task"):
         lines += [f"### {task}", "", _md_table(group.pivot(index="method", columns="budget", values="score")), ""]
@@ -138,8 +162,9 @@ def _md_table(frame: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
-def plots(results: pd.DataFrame, out: Path, plan_paths: dict[int, str] | None = None,
-          calibration: Path | None = None) -> list[Path]:
+def plots(
+    results: pd.DataFrame, out: Path, plan_paths: dict[int, str] | None = None, calibration: Path | None = None
+) -> list[Path]:
     """PNG plots: score vs budget per method; each plan per layer; the calibration heatmap (if given)."""
     import matplotlib
 
@@ -188,7 +213,8 @@ def _colors(names: list[str]) -> dict[str, str]:
     from polykv.policies import policy_names
 
     return {n: matplotlib.colors.to_hex(cmap(i % 10)) for i, n in enumerate(policy_names())} | {
-        n: "#999999" for n in names if n not in policy_names()}
+        n: "#999999" for n in names if n not in policy_names()
+    }
 
 
 def plot_plan(plan_path: str | Path, path: Path) -> Path:
@@ -244,8 +270,9 @@ def plot_heatmap(calibration: Path, path: Path, metric: str = "proxy_err") -> Pa
     ax.set_xlabel("budget")
     ax.set_ylabel("layer")
     ax.set_title(f"best policy per layer and budget (mean {metric})", fontsize=9)
-    ax.legend(handles=[Patch(color=colors[p], label=p) for p in names], fontsize=6, loc="upper left",
-              bbox_to_anchor=(1, 1))
+    ax.legend(
+        handles=[Patch(color=colors[p], label=p) for p in names], fontsize=6, loc="upper left", bbox_to_anchor=(1, 1)
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -26,6 +26,8 @@ def select_tasks(results: pd.DataFrame, tasks: list[str] | None) -> pd.DataFrame
         return results
     unknown = sorted(set(tasks) - set(results.task))
     if unknown:
-        raise InputError(f"task(s) {', '.join(unknown)} are not in these results (they have "
-                         f"{', '.join(sorted(results.task.unique()))})")
+        raise InputError(
+            f"task(s) {', '.join(unknown)} are not in these results (they have "
+            f"{', '.join(sorted(results.task.unique()))})"
+        )
     return results[results.task.isin(tasks)]

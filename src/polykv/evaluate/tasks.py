@@ -196,10 +196,17 @@ def load_tasks(path: str | Path) -> tuple[list[TaskInstance], list[str]]:
             warnings.append(f"{p}:{lineno}: skipped, {problem}")
             continue
         seen[obj["id"]] = lineno
-        instances.append(TaskInstance(
-            id=obj["id"], task=obj["task"], context=obj["context"], question=obj["question"],
-            answers=list(obj["answers"]), metric=obj["metric"], max_new_tokens=obj.get("max_new_tokens"),
-        ))
+        instances.append(
+            TaskInstance(
+                id=obj["id"],
+                task=obj["task"],
+                context=obj["context"],
+                question=obj["question"],
+                answers=list(obj["answers"]),
+                metric=obj["metric"],
+                max_new_tokens=obj.get("max_new_tokens"),
+            )
+        )
     if not instances:
         detail = f" ({len(warnings)} malformed lines, first: {warnings[0]})" if warnings else " (the file is empty)"
         raise TaskError(f"task file {p} has no valid task instance{detail}; fix the lines as the task format says")

@@ -56,8 +56,9 @@ def _task_means(scores: np.ndarray, tasks: np.ndarray, index: np.ndarray) -> np.
     return out / n_tasks
 
 
-def paired_interval(results: pd.DataFrame, a: str, b: str, budget: int, with_full: bool = True,
-                    draws: int = DRAWS, seed: int = SEED) -> PairedInterval | None:
+def paired_interval(
+    results: pd.DataFrame, a: str, b: str, budget: int, with_full: bool = True, draws: int = DRAWS, seed: int = SEED
+) -> PairedInterval | None:
     """Bootstrap `a - b` at `budget` (and the gap recovery against `full` when `with_full`); None when the two
     methods share no instance."""
     columns: dict[str, tuple[str, int | None]] = {"a": (a, budget), "b": (b, budget)}
@@ -84,5 +85,6 @@ def paired_interval(results: pd.DataFrame, a: str, b: str, budget: int, with_ful
         if gap_draws:
             g_lo, g_hi = np.percentile(diff[ok] / denom[ok], [2.5, 97.5])
             gap_ci = (round(float(g_lo), 4), round(float(g_hi), 4))
-    return PairedInterval(round(float(point[0] - point[1]), 4), (round(float(lo), 4), round(float(hi), 4)),
-                          gap_ci, gap_draws)
+    return PairedInterval(
+        round(float(point[0] - point[1]), 4), (round(float(lo), 4), round(float(hi), 4)), gap_ci, gap_draws
+    )

@@ -10,8 +10,8 @@ checkpoints them, so a killed run resumes whichever worker computed what.
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -51,8 +51,16 @@ def evaluate_one(loaded, job: EvalJob, inst: TaskInstance, verify: bool) -> Fini
     slow_rows, slow_s = engine.reprefill_instance(loaded, inst, methods, budgets, job.mode, job.max_context)
     fast = {(r["method"], r["budget"]): r["prediction"] for r in res.rows}
     same = sum(fast[(r["method"], r["budget"])] == r["prediction"] for r in slow_rows)
-    return Finished(res, {"instance": inst.id, "engine_s": res.prefill_s + res.decode_s, "reprefill_s": slow_s,
-                          "same_predictions": same, "configurations": len(slow_rows)})
+    return Finished(
+        res,
+        {
+            "instance": inst.id,
+            "engine_s": res.prefill_s + res.decode_s,
+            "reprefill_s": slow_s,
+            "same_predictions": same,
+            "configurations": len(slow_rows),
+        },
+    )
 
 
 def _load(job: EvalJob, device: str | None = None):

@@ -46,7 +46,7 @@ def _interpreter_on() -> bool:
 
 
 def backend() -> str:
-    """"triton" or "torch": the backend POLYKV_KERNELS selects on this machine.
+    """ "triton" or "torch": the backend POLYKV_KERNELS selects on this machine.
 
     Under `auto`, CPU tensors still take the torch path even when this says "triton" (a CUDA box running a CPU
     model). Raises RuntimeError when `triton` is forced where it cannot run.
@@ -57,9 +57,7 @@ def backend() -> str:
     if choice == "auto":
         return "triton" if torch.cuda.is_available() and triton_importable() else "torch"
     if not triton_importable():
-        raise RuntimeError(
-            f"{ENV_VAR}=triton but triton is not installed: `pip install triton` or set {ENV_VAR}=auto"
-        )
+        raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed: `pip install triton` or set {ENV_VAR}=auto")
     if not torch.cuda.is_available() and not _interpreter_on():
         raise RuntimeError(
             f"{ENV_VAR}=triton needs a CUDA GPU; on CPU set TRITON_INTERPRET=1 before importing polykv "

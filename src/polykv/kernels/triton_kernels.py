@@ -118,11 +118,36 @@ def _scaled_logits(s, scaling, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _window_stats_kernel(
-    q_ptr, k_ptr, valid_ptr, m_ptr, l_ptr,
-    sqb, sqh, sqw, sqd, skb, skh, skt, skd, svb, svt,
-    T, W, R, HKV, G, scaling, softcap, CHUNK,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    valid_ptr,
+    m_ptr,
+    l_ptr,
+    sqb,
+    sqh,
+    sqw,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svt,
+    T,
+    W,
+    R,
+    HKV,
+    G,
+    scaling,
+    softcap,
+    CHUNK,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Per window row (G query heads x W queries of one KV head) and per chunk of CHUNK keys (program axis 2):
     online max and sum of exp over the chunk's visible keys. Splitting T keeps the GPU busy when B x Hkv is small."""
@@ -162,11 +187,41 @@ def _window_stats_kernel(
 
 @triton.jit
 def _window_scores_kernel(
-    q_ptr, k_ptr, valid_ptr, m_ptr, l_ptr, out_ptr,
-    sqb, sqh, sqw, sqd, skb, skh, skt, skd, svb, svt, sob, soh, sot,
-    T, W, R, HKV, G, scaling, softcap, S,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    valid_ptr,
+    m_ptr,
+    l_ptr,
+    out_ptr,
+    sqb,
+    sqh,
+    sqw,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svt,
+    sob,
+    soh,
+    sot,
+    T,
+    W,
+    R,
+    HKV,
+    G,
+    scaling,
+    softcap,
+    S,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """One block of keys of one KV head: sum over all window rows of exp(s - m) / l, where each row's max m and
     sum l merge its S pass-1 partials."""
@@ -179,7 +234,8 @@ def _window_scores_kernel(
     d_ok = d < D
     kb = tl.load(
         k_ptr + b * skb + h * skh + cols[:, None] * skt + d[None, :] * skd,
-        mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=col_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     key_ok = col_ok
     if HAS_VALID:
@@ -253,8 +309,14 @@ def window_scores(
     sizes = (tokens, window, rows, kv_heads, groups, float(scaling), float(softcap or 1.0))
     strides_out = (*strides, *out.stride())
     meta = dict(
-        D=dim, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=_pow2(dim), HAS_VALID=valid is not None,
-        HAS_SOFTCAP=softcap is not None, DOT_PREC=_dot_precision(q.dtype), num_stages=_stages(q.element_size()),
+        D=dim,
+        BLOCK_R=block_r,
+        BLOCK_T=block_t,
+        BLOCK_D=_pow2(dim),
+        HAS_VALID=valid is not None,
+        HAS_SOFTCAP=softcap is not None,
+        DOT_PREC=_dot_precision(q.dtype),
+        num_stages=_stages(q.element_size()),
         num_warps=WARPS,
     )
     _window_stats_kernel[(batch * kv_heads, row_blocks, splits)](
@@ -273,11 +335,37 @@ def window_scores(
 
 @triton.jit
 def _gather_kv_kernel(
-    k_ptr, v_ptr, idx_ptr, ko_ptr, vo_ptr,
-    skb, skh, skt, skd, svb, svh, svt, svd, sib, sih, sij,
-    sokb, sokh, sokt, sokd, sovb, sovh, sovt, sovd,
-    K, HKV,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    idx_ptr,
+    ko_ptr,
+    vo_ptr,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sib,
+    sih,
+    sij,
+    sokb,
+    sokh,
+    sokt,
+    sokd,
+    sovb,
+    sovh,
+    sovt,
+    sovd,
+    K,
+    HKV,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """One block of kept slots of one (batch, KV head): copy the indexed K and V rows into the outputs."""
     pid_bh = tl.program_id(0)
@@ -323,9 +411,23 @@ def gather_kv(
     idx = idx.to(k.device)
     block_k = block_k or min(_pow2(kept, 1), 256 if INTERPRETED else max(1, 4096 // _pow2(max(dim_k, dim_v))))
     _gather_kv_kernel[(batch * kv_heads, triton.cdiv(kept, block_k))](
-        k, v, idx, k_out, v_out, *k.stride(), *v.stride(), *idx.stride(), *k_out.stride(), *v_out.stride(),
-        kept, kv_heads,
-        DK=dim_k, DV=dim_v, BLOCK_K=block_k, BLOCK_DK=_pow2(dim_k, 1), BLOCK_DV=_pow2(dim_v, 1),
+        k,
+        v,
+        idx,
+        k_out,
+        v_out,
+        *k.stride(),
+        *v.stride(),
+        *idx.stride(),
+        *k_out.stride(),
+        *v_out.stride(),
+        kept,
+        kv_heads,
+        DK=dim_k,
+        DV=dim_v,
+        BLOCK_K=block_k,
+        BLOCK_DK=_pow2(dim_k, 1),
+        BLOCK_DV=_pow2(dim_v, 1),
     )
     return k_out, v_out
 
@@ -337,12 +439,42 @@ def gather_kv(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, mo_ptr, mm_ptr, ml_ptr,
-    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, slb, slh,
-    TMAX, HKV, G, CHUNK, S, scaling, softcap,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, QK_PREC: tl.constexpr, PV_PREC: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    len_ptr,
+    mo_ptr,
+    mm_ptr,
+    ml_ptr,
+    sqb,
+    sqh,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    slb,
+    slh,
+    TMAX,
+    HKV,
+    G,
+    CHUNK,
+    S,
+    scaling,
+    softcap,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    QK_PREC: tl.constexpr,
+    PV_PREC: tl.constexpr,
 ):
     """Keys [split * CHUNK, min(next split, length)) of one KV head against its G queries: unnormalised output,
     running max and sum per query head, written to the split's slot (an empty split writes max=-1e30, sum=0)."""
@@ -359,8 +491,9 @@ def _decode_split_kernel(
     d_ok = d < D
     dv = tl.arange(0, BLOCK_DV)
     dv_ok = dv < DV
-    q = tl.load(q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :] * sqd, mask=g_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    q = tl.load(
+        q_ptr + b * sqb + (h * G + g)[:, None] * sqh + d[None, :] * sqd, mask=g_ok[:, None] & d_ok[None, :], other=0.0
+    )
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
@@ -376,8 +509,9 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(v_base + cols[:, None] * svt + dv[None, :] * svd, mask=col_ok[:, None] & dv_ok[None, :],
-                     other=0.0).to(tl.float32)  # 16-bit values are exact in fp32 (and in TF32)
+        vb = tl.load(
+            v_base + cols[:, None] * svt + dv[None, :] * svd, mask=col_ok[:, None] & dv_ok[None, :], other=0.0
+        ).to(tl.float32)  # 16-bit values are exact in fp32 (and in TF32)
         acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision=PV_PREC)
         m_i = m_new
     slot = ((b * HKV + h) * G + g) * S + split  # partials laid out (B, Hq, S[, DV])
@@ -388,8 +522,18 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    mo_ptr, mm_ptr, ml_ptr, out_ptr, sob, soh, sod, HQ, S,
-    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    mo_ptr,
+    mm_ptr,
+    ml_ptr,
+    out_ptr,
+    sob,
+    soh,
+    sod,
+    HQ,
+    S,
+    DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Combine the S partial (max, sum, output) triples of one query head into the normalised attention output."""
     pid = tl.program_id(0)
@@ -445,15 +589,46 @@ def decode_attention(
     part_o = _scratch(batch, q_heads, splits, dim_v, device=k.device)
     out = _check_out(out, (batch, q_heads, dim_v), q.dtype, k.device)
     _decode_split_kernel[(batch * kv_heads, splits)](
-        q, k, v, lengths, part_o, part_m, part_l,
-        *q.stride(), *k.stride(), *v.stride(), *lengths.stride(),
-        tmax, kv_heads, groups, chunk, splits, float(scaling), float(softcap or 1.0),
-        D=dim, DV=dim_v, BLOCK_G=_pow2(groups), BLOCK_N=block_n, BLOCK_D=_pow2(dim), BLOCK_DV=_pow2(dim_v),
-        HAS_SOFTCAP=softcap is not None, QK_PREC=_dot_precision(q.dtype), PV_PREC=_dot_precision(v.dtype),
-        num_stages=_stages(q.element_size()), num_warps=WARPS,
+        q,
+        k,
+        v,
+        lengths,
+        part_o,
+        part_m,
+        part_l,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *lengths.stride(),
+        tmax,
+        kv_heads,
+        groups,
+        chunk,
+        splits,
+        float(scaling),
+        float(softcap or 1.0),
+        D=dim,
+        DV=dim_v,
+        BLOCK_G=_pow2(groups),
+        BLOCK_N=block_n,
+        BLOCK_D=_pow2(dim),
+        BLOCK_DV=_pow2(dim_v),
+        HAS_SOFTCAP=softcap is not None,
+        QK_PREC=_dot_precision(q.dtype),
+        PV_PREC=_dot_precision(v.dtype),
+        num_stages=_stages(q.element_size()),
+        num_warps=WARPS,
     )
     _decode_reduce_kernel[(batch * q_heads,)](
-        part_o, part_m, part_l, out, *out.stride(), q_heads, splits,
-        DV=dim_v, BLOCK_S=_pow2(splits, 2), BLOCK_DV=_pow2(dim_v, 1),
+        part_o,
+        part_m,
+        part_l,
+        out,
+        *out.stride(),
+        q_heads,
+        splits,
+        DV=dim_v,
+        BLOCK_S=_pow2(splits, 2),
+        BLOCK_DV=_pow2(dim_v, 1),
     )
     return out

@@ -21,7 +21,25 @@ from polykv.solve.runner import (
 from polykv.solve.summary import PlanSummary, best_uniform, summarize
 
 __all__ = [
-    "Aggregation", "OptionTable", "aggregate", "Pin", "SolveOptions", "parse_budgets", "parse_layer_values",
-    "parse_pins", "parse_weights", "Calibration", "load_calibration", "SolveRequest", "allocation_plan", "plan_paths",
-    "run_request", "solve_frontier", "solve_plan", "write_plans", "PlanSummary", "best_uniform", "summarize",
+    "Aggregation",
+    "OptionTable",
+    "aggregate",
+    "Pin",
+    "SolveOptions",
+    "parse_budgets",
+    "parse_layer_values",
+    "parse_pins",
+    "parse_weights",
+    "Calibration",
+    "load_calibration",
+    "SolveRequest",
+    "allocation_plan",
+    "plan_paths",
+    "run_request",
+    "solve_frontier",
+    "solve_plan",
+    "write_plans",
+    "PlanSummary",
+    "best_uniform",
+    "summarize",
 ]

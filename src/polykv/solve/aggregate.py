@@ -29,9 +29,9 @@ Input rows are per sample; the solver needs one number per option. Rules:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,7 @@ class Aggregation:
     category_weights: tuple[tuple[str, float], ...] | None = None
 
     @classmethod
-    def parse(cls, spec: str = "mean", category_weights: Mapping[str, float] | None = None) -> "Aggregation":
+    def parse(cls, spec: str = "mean", category_weights: Mapping[str, float] | None = None) -> Aggregation:
         """`mean`, `max` or `quantile:Q` (0 <= Q <= 1), plus {category: weight >= 0}."""
         spec = spec.strip().lower()
         if spec == "mean":
@@ -69,7 +69,9 @@ class Aggregation:
             except ValueError:
                 stat, q = "quantile", float("nan")
             if not 0.0 <= q <= 1.0:
-                raise CalibrationError(f"aggregate {spec!r}: the quantile must be a number in [0, 1], e.g. quantile:0.9")
+                raise CalibrationError(
+                    f"aggregate {spec!r}: the quantile must be a number in [0, 1], e.g. quantile:0.9"
+                )
         else:
             raise CalibrationError(f"unknown aggregate {spec!r}; use mean, max or quantile:Q (e.g. quantile:0.9)")
         weights = None
@@ -157,7 +159,7 @@ def available_metrics(curves: pd.DataFrame) -> list[str]:
     return out
 
 
-def anchor_factors(curves: pd.DataFrame, scaled: "OptionTable") -> pd.DataFrame:
+def anchor_factors(curves: pd.DataFrame, scaled: OptionTable) -> pd.DataFrame:
     """Per (policy, budget) with whole-model rows: measured uniform KL / the sum of the layers' predicted losses.
 
     The per-layer losses are each measured with one layer compressed; summing them assumes errors add up across
@@ -180,7 +182,7 @@ def anchor_factors(curves: pd.DataFrame, scaled: "OptionTable") -> pd.DataFrame:
     return pd.DataFrame(out, columns=["policy", "budget", "measured", "predicted", "factor"])
 
 
-def _anchored(curves: pd.DataFrame, scaled: "OptionTable") -> pd.DataFrame:
+def _anchored(curves: pd.DataFrame, scaled: OptionTable) -> pd.DataFrame:
     """The scaled frame with each option's loss times its policy's anchor factor, interpolated in log2(budget)
     between anchored budgets and held constant beyond them (policies without anchors keep factor 1)."""
     factors = anchor_factors(curves, scaled)
@@ -190,8 +192,11 @@ def _anchored(curves: pd.DataFrame, scaled: "OptionTable") -> pd.DataFrame:
     for policy, g in factors.groupby("policy"):
         g = g.sort_values("budget")
         at = frame["policy"] == policy
-        f = np.interp(np.log2(frame.loc[at, "budget"].to_numpy(np.float64)), np.log2(g["budget"].to_numpy(np.float64)),
-                      g["factor"].to_numpy(np.float64))
+        f = np.interp(
+            np.log2(frame.loc[at, "budget"].to_numpy(np.float64)),
+            np.log2(g["budget"].to_numpy(np.float64)),
+            g["factor"].to_numpy(np.float64),
+        )
         frame.loc[at, "loss"] = frame.loc[at, "loss"].to_numpy() * f
     return frame
 
@@ -203,8 +208,10 @@ def layer_scales(curves: pd.DataFrame, num_layers: int) -> np.ndarray:
     sums = ref.groupby(["layer", "metric"])["value"].sum().unstack("metric")
     missing = sorted(set(range(num_layers)) - set(int(i) for i in sums.dropna().index))
     if missing:
-        raise CalibrationError(f"reference rows (ref_e2e_kl, ref_proxy_err) are missing for layer(s) "
-                               f"{', '.join(map(str, missing[:8]))}; recalibrate with --measure scaled")
+        raise CalibrationError(
+            f"reference rows (ref_e2e_kl, ref_proxy_err) are missing for layer(s) "
+            f"{', '.join(map(str, missing[:8]))}; recalibrate with --measure scaled"
+        )
     kl = sums["ref_e2e_kl"].reindex(range(num_layers)).to_numpy(np.float64)
     err = sums["ref_proxy_err"].reindex(range(num_layers)).to_numpy(np.float64)
     if not (np.isfinite(kl).all() and np.isfinite(err).all()):
@@ -215,14 +222,18 @@ def layer_scales(curves: pd.DataFrame, num_layers: int) -> np.ndarray:
 def choose_metric(available: list[str], requested: str | None) -> str:
     if requested is not None:
         if requested not in available:
-            raise CalibrationError(f"metric {requested!r} is not in the calibration (it has {', '.join(available)}); "
-                                   "pick one of those with --metric")
+            raise CalibrationError(
+                f"metric {requested!r} is not in the calibration (it has {', '.join(available)}); "
+                "pick one of those with --metric"
+            )
         return requested
     for metric in METRIC_PREFERENCE:
         if metric in available:
             return metric
-    raise CalibrationError(f"calibration has none of the metrics {', '.join(METRIC_PREFERENCE)} "
-                           f"(it has {', '.join(available) or 'none'}); pass --metric NAME")
+    raise CalibrationError(
+        f"calibration has none of the metrics {', '.join(METRIC_PREFERENCE)} "
+        f"(it has {', '.join(available) or 'none'}); pass --metric NAME"
+    )
 
 
 def _whole_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -237,25 +248,33 @@ def _whole_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
 def _check_rows(df: pd.DataFrame, num_layers: int) -> None:
     bad = df[~np.isfinite(df["value"].to_numpy(np.float64))]
     if len(bad):
-        where = "; ".join(f"layer {r.layer} {r.policy}@{r.budget} sample {r.sample_id}" for r in bad.head(3).itertuples())
-        raise CalibrationError(f"{len(bad)} NaN/infinite loss value(s) in the curves (e.g. {where}); "
-                               "fix or re-run calibration for them")
+        where = "; ".join(
+            f"layer {r.layer} {r.policy}@{r.budget} sample {r.sample_id}" for r in bad.head(3).itertuples()
+        )
+        raise CalibrationError(
+            f"{len(bad)} NaN/infinite loss value(s) in the curves (e.g. {where}); fix or re-run calibration for them"
+        )
     out_of_range = sorted(set(df["layer"][(df["layer"] < 0) | (df["layer"] >= num_layers)].tolist()))
     if out_of_range:
-        raise CalibrationError(f"curves have layer(s) {out_of_range[:5]} but the model has {num_layers} layers; "
-                               "the curves come from another model")
+        raise CalibrationError(
+            f"curves have layer(s) {out_of_range[:5]} but the model has {num_layers} layers; "
+            "the curves come from another model"
+        )
     if (df["budget"] < 1).any():
         raise CalibrationError("curves have budgets < 1 token; re-run calibration with a positive budget grid")
     cats = df.groupby("sample_id")["category"].nunique()
     if (cats > 1).any():
-        raise CalibrationError(f"sample(s) {', '.join(cats[cats > 1].index[:3])} have several categories; "
-                               "give each sample one category")
+        raise CalibrationError(
+            f"sample(s) {', '.join(cats[cats > 1].index[:3])} have several categories; give each sample one category"
+        )
     dup = df[df.duplicated(KEY, keep=False)]
     if len(dup):
         r = dup.iloc[0]
-        raise CalibrationError(f"{len(dup)} duplicate rows (e.g. layer {r.layer} {r.policy}@{r.budget} sample "
-                               f"{r.sample_id}); each (sample, layer, policy, budget) must appear once, "
-                               "remove duplicated part files")
+        raise CalibrationError(
+            f"{len(dup)} duplicate rows (e.g. layer {r.layer} {r.policy}@{r.budget} sample "
+            f"{r.sample_id}); each (sample, layer, policy, budget) must appear once, "
+            "remove duplicated part files"
+        )
 
 
 def _sample_weights(mask: np.ndarray, sample_cats: np.ndarray, categories: list[str], agg: Aggregation) -> np.ndarray:
@@ -265,8 +284,10 @@ def _sample_weights(mask: np.ndarray, sample_cats: np.ndarray, categories: list[
     weights = dict(agg.category_weights)
     unknown = sorted(set(weights) - set(categories))
     if unknown:
-        raise CalibrationError(f"category weights name {', '.join(unknown)}, not in the calibration "
-                               f"(categories: {', '.join(categories)}); fix the names")
+        raise CalibrationError(
+            f"category weights name {', '.join(unknown)}, not in the calibration "
+            f"(categories: {', '.join(categories)}); fix the names"
+        )
     cat_w = np.array([weights.get(c, 1.0) for c in categories])
     onehot = np.eye(len(categories))[sample_cats]  # (S, C)
     counts = mask.astype(np.float64) @ onehot  # (O, C) present samples per category
@@ -319,8 +340,9 @@ def aggregate(
     df = _whole_layer_rows(df)[["sample_id", "category", "layer", "policy", "budget", "value"]]
     if df.empty:
         raise CalibrationError(f"no {metric} curves for any policy other than full; calibrate some policies")
-    df = df.astype({"sample_id": str, "category": str, "policy": str, "layer": np.int64, "budget": np.int64,
-                    "value": np.float64})
+    df = df.astype(
+        {"sample_id": str, "category": str, "policy": str, "layer": np.int64, "budget": np.int64, "value": np.float64}
+    )
     _check_rows(df, n)
 
     policies = sorted(df["policy"].unique())
@@ -332,7 +354,8 @@ def aggregate(
 
     P, B, S = len(policies), len(grid), len(samples)
     opt = (df["layer"].to_numpy() * P + np.searchsorted(policies, df["policy"].to_numpy())) * B + np.searchsorted(
-        grid, df["budget"].to_numpy())
+        grid, df["budget"].to_numpy()
+    )
     values = np.full((n * P * B, S), np.nan)
     values[opt, np.searchsorted(samples, df["sample_id"].to_numpy())] = df["value"].to_numpy()
     mask = ~np.isnan(values)
@@ -352,18 +375,35 @@ def aggregate(
     if missing.any() and not allow_missing:
         per_option = missing.sum(axis=1)
         gaps = np.nonzero(per_option)[0]
-        examples = ", ".join(f"layer {layer_of[i]} {policies[policy_of[i]]}@{budget_of[i]} ({per_option[i]} of {S} "
-                             "samples)" for i in gaps[:4])
-        raise CalibrationError(f"calibration lacks {len(gaps)} (layer, policy, budget) option(s) for some samples: "
-                               f"{examples}{', ...' if len(gaps) > 4 else ''}; complete it or pass --allow-missing")
+        examples = ", ".join(
+            f"layer {layer_of[i]} {policies[policy_of[i]]}@{budget_of[i]} ({per_option[i]} of {S} samples)"
+            for i in gaps[:4]
+        )
+        raise CalibrationError(
+            f"calibration lacks {len(gaps)} (layer, policy, budget) option(s) for some samples: "
+            f"{examples}{', ...' if len(gaps) > 4 else ''}; complete it or pass --allow-missing"
+        )
 
     weights = _sample_weights(mask, sample_cats, categories, aggregation)
     keep = required & (weights.sum(axis=1) > 0)
     loss = _statistic(np.where(mask, values, 0.0)[keep], weights[keep], aggregation)
-    frame = pd.DataFrame({
-        "layer": layer_of[keep], "policy": np.array(policies, dtype=object)[policy_of[keep]],
-        "budget": budget_of[keep], "loss": loss, "samples": mask[keep].sum(axis=1),
-    })
+    frame = pd.DataFrame(
+        {
+            "layer": layer_of[keep],
+            "policy": np.array(policies, dtype=object)[policy_of[keep]],
+            "budget": budget_of[keep],
+            "loss": loss,
+            "samples": mask[keep].sum(axis=1),
+        }
+    )
     frame = _collapse_sliding(frame, caps).sort_values(["layer", "policy", "budget"], ignore_index=True)
-    return OptionTable(model, fingerprint, metric, aggregation, frame, tuple(int(b) for b in grid),
-                       {k: dict(v) for k, v in (policy_params or {}).items()}, allow_missing)
+    return OptionTable(
+        model,
+        fingerprint,
+        metric,
+        aggregation,
+        frame,
+        tuple(int(b) for b in grid),
+        {k: dict(v) for k, v in (policy_params or {}).items()},
+        allow_missing,
+    )

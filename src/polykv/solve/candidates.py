@@ -24,10 +24,12 @@ FLOORS = (0.25, 0.5)
 
 def with_floor(options: SolveOptions, num_layers: int, floor: int) -> SolveOptions:
     """`options` with every layer's minimum budget raised to at least `floor` (pins keep their own budget)."""
-    merged = {layer: max(floor, options.min_budget.get(layer, 0)) for layer in range(num_layers)
-              if layer not in options.pins}
-    merged = {layer: min(b, options.max_budget[layer]) if layer in options.max_budget else b
-              for layer, b in merged.items()}
+    merged = {
+        layer: max(floor, options.min_budget.get(layer, 0)) for layer in range(num_layers) if layer not in options.pins
+    }
+    merged = {
+        layer: min(b, options.max_budget[layer]) if layer in options.max_budget else b for layer, b in merged.items()
+    }
     return SolveOptions(**{**options.__dict__, "min_budget": merged})
 
 
@@ -37,8 +39,14 @@ def uniform_policies(table: OptionTable, options: SolveOptions) -> list[str]:
     return [p for p in sorted(allowed) if p != "full"]
 
 
-def guard_candidates(table: OptionTable, budget: int, solved: Plan, options: SolveOptions = SolveOptions(),
-                     calibration: Mapping | None = None, floors: tuple[float, ...] = FLOORS) -> dict[str, Plan]:
+def guard_candidates(
+    table: OptionTable,
+    budget: int,
+    solved: Plan,
+    options: SolveOptions = SolveOptions(),
+    calibration: Mapping | None = None,
+    floors: tuple[float, ...] = FLOORS,
+) -> dict[str, Plan]:
     """Name -> plan at `budget`: `solved`, `floor:F` for each fraction in `floors`, `uniform:POLICY` for each policy.
 
     Floor blends that the constraints make infeasible are left out; uniform candidates are offered only when no

@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from polykv.errors import InputError, SolveError
 
@@ -56,8 +56,11 @@ class SolveOptions:
             bad = {l: b for l, b in bounds.items() if b < 1}
             if bad:
                 raise SolveError(f"--{name}-budget must be >= 1 token, got {bad}")
-        clash = {l: (self.min_budget[l], self.max_budget[l]) for l in self.min_budget
-                 if l in self.max_budget and self.min_budget[l] > self.max_budget[l]}
+        clash = {
+            l: (self.min_budget[l], self.max_budget[l])
+            for l in self.min_budget
+            if l in self.max_budget and self.min_budget[l] > self.max_budget[l]
+        }
         if clash:
             raise SolveError(f"--min-budget exceeds --max-budget on layer(s) {clash}; relax one of them")
 
@@ -139,7 +142,9 @@ def parse_budgets(text: str, option: str = "--budgets") -> tuple[int, ...]:
         values.append(value)
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
-        raise InputError(f"{option} {text.strip()} lists {', '.join(map(str, repeated))} more than once; list each once")
+        raise InputError(
+            f"{option} {text.strip()} lists {', '.join(map(str, repeated))} more than once; list each once"
+        )
     return tuple(sorted(values))
 
 

@@ -12,7 +12,7 @@ re-checked in exact integer arithmetic.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -28,8 +28,10 @@ def _undominated(costs: np.ndarray, losses: np.ndarray, groups: np.ndarray | Non
     """Options not dominated by another of the same group (all options form one group without groups)."""
     if groups is None:
         return np.sort(pareto_indices(costs, losses))
-    keep = [np.nonzero(groups == gr)[0][pareto_indices(costs[groups == gr], losses[groups == gr])]
-            for gr in np.unique(groups)]
+    keep = [
+        np.nonzero(groups == gr)[0][pareto_indices(costs[groups == gr], losses[groups == gr])]
+        for gr in np.unique(groups)
+    ]
     return np.sort(np.concatenate(keep))
 
 
@@ -52,8 +54,10 @@ def solve_ilp(
         raise SolveError("max_groups needs the group of every option")
     full_groups = [np.asarray(x, dtype=np.int64) for x in groups] if max_groups is not None else None
     # dominated options (within a group when groups count) never help: solve on the rest, map indices back
-    index = [_undominated(c, f, None if full_groups is None else gr)
-             for c, f, gr in zip(costs, losses, full_groups or [None] * len(costs))]
+    index = [
+        _undominated(c, f, None if full_groups is None else gr)
+        for c, f, gr in zip(costs, losses, full_groups or [None] * len(costs))
+    ]
     picks = _solve(
         [c[i] for c, i in zip(costs, index)],
         [f[i] for f, i in zip(losses, index)],
@@ -106,7 +110,7 @@ def _solve(
         n_y = len(labels)
         for p, label in enumerate(labels):
             for layer in range(len(costs)):
-                sel = np.nonzero(gid[starts[layer]: starts[layer] + sizes[layer]] == label)[0] + starts[layer]
+                sel = np.nonzero(gid[starts[layer] : starts[layer] + sizes[layer]] == label)[0] + starts[layer]
                 if len(sel):
                     add_row(np.append(sel, n_x + p), np.append(np.ones(len(sel)), -1.0), -np.inf, 0)
         add_row(np.arange(n_x, n_x + n_y), np.ones(n_y), -np.inf, max_groups)
@@ -130,7 +134,7 @@ def _solve(
     x = np.round(res.x[:n_x]).astype(np.int64)
     picks = []
     for layer in range(len(costs)):
-        seg = x[starts[layer]: starts[layer] + sizes[layer]]
+        seg = x[starts[layer] : starts[layer] + sizes[layer]]
         if seg.sum() != 1:
             raise SolveError(f"the ILP solution is not integral on layer {layer}; retry with --solver dp")
         picks.append(int(np.argmax(seg)))

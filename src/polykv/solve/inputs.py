@@ -17,7 +17,18 @@ import pandas as pd
 from polykv.errors import CalibrationError, PlanError
 from polykv.plan import check_fingerprint, fingerprint_hash
 
-CURVE_COLUMNS = ("model", "fingerprint", "sample_id", "category", "layer", "head", "policy", "budget", "metric", "value")
+CURVE_COLUMNS = (
+    "model",
+    "fingerprint",
+    "sample_id",
+    "category",
+    "layer",
+    "head",
+    "policy",
+    "budget",
+    "metric",
+    "value",
+)
 METADATA_KEYS = ("model", "fingerprint", "fingerprint_hash")
 
 
@@ -67,8 +78,10 @@ def read_metadata(path: Path) -> dict:
     """The checked metadata.json of a calibration directory (CalibrationError naming the fix otherwise)."""
     meta_path = path / "metadata.json"
     if not meta_path.is_file() and (path / "run.json").is_file():
-        raise CalibrationError(f"{path} holds an unfinished calibration (no metadata.json yet); run the same "
-                               "`polykv calibrate` command again to finish it")
+        raise CalibrationError(
+            f"{path} holds an unfinished calibration (no metadata.json yet); run the same "
+            "`polykv calibrate` command again to finish it"
+        )
     if not meta_path.is_file():
         raise CalibrationError(f"{meta_path} is missing; pass a directory written by `polykv calibrate`")
     try:
@@ -112,8 +125,10 @@ def _unreadable(curves_dir: Path, exc: Exception) -> CalibrationError:
             pq.read_metadata(part)
         except Exception as part_exc:
             reason = (str(part_exc).splitlines() or [type(part_exc).__name__])[0]
-            return CalibrationError(f"{part} is not a readable Parquet file ({reason}); delete it and run the same "
-                                    "`polykv calibrate` command again to redo that sample")
+            return CalibrationError(
+                f"{part} is not a readable Parquet file ({reason}); delete it and run the same "
+                "`polykv calibrate` command again to redo that sample"
+            )
     reason = (str(exc).splitlines() or [type(exc).__name__])[0]
     return CalibrationError(f"cannot read Parquet under {curves_dir} ({reason}); re-run `polykv calibrate`")
 

@@ -17,8 +17,8 @@ Ties between equal losses go to the cheaper option, then to the earlier option i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import gcd
-from typing import Sequence
 
 import numpy as np
 
@@ -127,8 +127,11 @@ def solve_dp_groups(
         if any(len(a) == 0 for a in allowed):
             continue
         try:
-            picks = solve_dp([np.asarray(c)[a] for c, a in zip(costs, allowed)],
-                             [np.asarray(f)[a] for f, a in zip(losses, allowed)], capacity)
+            picks = solve_dp(
+                [np.asarray(c)[a] for c, a in zip(costs, allowed)],
+                [np.asarray(f)[a] for f, a in zip(losses, allowed)],
+                capacity,
+            )
         except InfeasibleError:
             continue
         picks = [int(a[k]) for a, k in zip(allowed, picks)]

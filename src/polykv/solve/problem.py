@@ -48,13 +48,17 @@ def build_candidates(table: OptionTable, options: SolveOptions) -> Candidates:
     if options.policies is not None:
         unknown = sorted(set(options.policies) - set(calibrated))
         if unknown:
-            raise SolveError(f"--policies names {', '.join(unknown)}, not calibrated "
-                             f"(calibrated: {', '.join(calibrated)}); pick among those")
+            raise SolveError(
+                f"--policies names {', '.join(unknown)}, not calibrated "
+                f"(calibrated: {', '.join(calibrated)}); pick among those"
+            )
         allowed = set(options.policies)
     for layer, pin in sorted(options.pins.items()):
         if pin.policy != "full" and pin.policy not in calibrated:
-            raise SolveError(f"--pin {layer}:{pin.policy}: policy {pin.policy} was not calibrated "
-                             f"(calibrated: {', '.join(calibrated)}, or full)")
+            raise SolveError(
+                f"--pin {layer}:{pin.policy}: policy {pin.policy} was not calibrated "
+                f"(calibrated: {', '.join(calibrated)}, or full)"
+            )
     full_cost = options.full_cost or max(table.grid)
     policies = tuple(sorted(set(calibrated)))
     gid = {p: i for i, p in enumerate(policies)}
@@ -70,8 +74,10 @@ def build_candidates(table: OptionTable, options: SolveOptions) -> Candidates:
         else:
             g = by_layer.get(layer)
             if g is None:
-                raise InfeasibleError(f"layer {layer} has no calibrated option; calibrate it or pass --allow-missing "
-                                      "only when every layer keeps some option")
+                raise InfeasibleError(
+                    f"layer {layer} has no calibrated option; calibrate it or pass --allow-missing "
+                    "only when every layer keeps some option"
+                )
             keep = g["policy"].isin([pin.policy] if pin else allowed).to_numpy()
             budgets = g["budget"].to_numpy()
             if pin is not None and pin.budget is not None:
@@ -99,15 +105,21 @@ def _no_option_message(layer: int, table: OptionTable, options: SolveOptions) ->
     have = table.frame[table.frame["layer"] == layer]
     pin = options.pins.get(layer)
     grid = sorted(set(have["budget"].tolist()))
-    what = (f"pin {pin.describe()}" if pin else
-            f"policies {', '.join(sorted(options.policies)) if options.policies else 'any'}, budget in "
-            f"[{options.min_budget.get(layer, '-')}, {options.max_budget.get(layer, '-')}]")
-    return (f"no calibrated option on layer {layer} satisfies {what} (its budgets: {grid}); "
-            "relax the constraint or calibrate that option")
+    what = (
+        f"pin {pin.describe()}"
+        if pin
+        else f"policies {', '.join(sorted(options.policies)) if options.policies else 'any'}, budget in "
+        f"[{options.min_budget.get(layer, '-')}, {options.max_budget.get(layer, '-')}]"
+    )
+    return (
+        f"no calibrated option on layer {layer} satisfies {what} (its budgets: {grid}); "
+        "relax the constraint or calibrate that option"
+    )
 
 
-def infeasible_message(cands: Candidates, capacity: int, unit: str, average_budget: float,
-                       options: SolveOptions) -> str:
+def infeasible_message(
+    cands: Candidates, capacity: int, unit: str, average_budget: float, options: SolveOptions
+) -> str:
     """Why even the cheapest allowed choice does not fit, and what to change."""
     cheapest = cands.min_cost()
     pinned = [f"{l}:{p.describe()}" for l, p in sorted(options.pins.items())]
@@ -118,5 +130,7 @@ def infeasible_message(cands: Candidates, capacity: int, unit: str, average_budg
         hints.append("lower --min-budget")
     if pinned:
         hints.append("pin fewer layers")
-    return (f"average budget {average_budget:g} allows {capacity} {unit} but the cheapest allowed plan costs "
-            f"{cheapest} {unit}" + (f" (pins {', '.join(pinned)})" if pinned else "") + f"; {' or '.join(hints)}")
+    return (
+        f"average budget {average_budget:g} allows {capacity} {unit} but the cheapest allowed plan costs "
+        f"{cheapest} {unit}" + (f" (pins {', '.join(pinned)})" if pinned else "") + f"; {' or '.join(hints)}"
+    )
