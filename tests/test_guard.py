@@ -64,7 +64,8 @@ def test_with_floor_keeps_higher_minimums_and_respects_maximums():
 
 def test_judge_keeps_the_least_loss_and_counts_wins():
     per = np.array([[0.5, 0.2, 0.4], [0.5, 0.9, 0.3], [0.2, 0.1, 0.35]])  # samples x candidates
-    v = judge(per, [SOLVED, "uniform:a", "uniform:b"], "h")
+    assert judge(per, [SOLVED, "uniform:a", "uniform:b"]).chosen == SOLVED  # b is lower, but within its noise
+    v = judge(per, [SOLVED, "uniform:a", "uniform:b"], "h", margin=0.0)
     assert v.chosen == "uniform:b" and v.best_uniform == "uniform:b"
     assert v.losses[SOLVED] == pytest.approx(0.4)
     assert v.wins == {SOLVED: 1, "uniform:a": 2}
@@ -72,6 +73,8 @@ def test_judge_keeps_the_least_loss_and_counts_wins():
     assert prov["chosen"] == "uniform:b" and prov["solved_loss"] == 0.4 and prov["samples"] == 3
     assert prov["best_uniform_loss"] == pytest.approx(0.35)
     assert judge(np.ones((2, 2)), [SOLVED, "uniform:a"]).chosen == SOLVED  # a tie keeps the solved plan
+    clear = np.array([[0.5, 0.3, 0.0], [0.6, 0.4, 1.0], [0.7, 0.5, 0.0]])  # a: 0.2 lower on every sample
+    assert judge(clear, [SOLVED, "floor:0.5", "uniform:b"]).chosen == "floor:0.5"  # b is lower but not clearly
 
 
 def test_a_plan_worse_than_a_uniform_policy_is_replaced(table):
@@ -158,7 +161,8 @@ def test_solve_guards_by_default_and_records_what_it_measured(tiny_hf_dir, calib
         g = plan.provenance["guard"]
         assert g["samples"] == 3 and g["best_uniform"].startswith("uniform:")
         assert {"solved", "uniform:snapkv", "uniform:streaming", "uniform:knorm"} <= set(g["losses"])
-        assert g["chosen_loss"] == min(g["losses"].values())
+        assert g["chosen_loss"] == g["losses"][g["chosen"]] and g["margin_se"] == 1.0
+        assert g["chosen"] == "solved" or g["chosen_loss"] < g["solved_loss"]
         assert objective([choices(plan)])[0] == pytest.approx(g["chosen_loss"], rel=1e-4, abs=1e-7)
     shown = runner.invoke(app, ["plan", "show", str(out / "avg8.json")])
     assert shown.exit_code == 0 and "guard" in shown.stdout and "best uniform" in shown.stdout

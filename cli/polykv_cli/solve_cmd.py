@@ -91,6 +91,8 @@ def register(app: typer.Typer) -> None:
             None, "--guard-data", help="JSONL the guard judges on, minus the calibrated samples (default: the "
                                        "shipped held-out set)."),
         guard_samples: int = typer.Option(8, "--guard-samples", help="Held-out samples the guard judges on."),
+        guard_margin: float = typer.Option(1.0, "--guard-margin", help="Standard errors by which another candidate "
+                                           "must beat the solved plan to replace it."),
         guard_model: Optional[str] = typer.Option(None, "--guard-model",
                                                   help="Model to load (default: the calibration's)."),
     ) -> None:
@@ -126,7 +128,9 @@ def register(app: typer.Typer) -> None:
         if guard and kind is None:
             for path in paths:
                 check_writable(path)  # before the guard's minutes of work
-            settings = GuardSettings(guard_data, guard_samples, guard_model)
+            if guard_margin < 0:
+                fail(f"--guard-margin must be >= 0, got {guard_margin}")
+            settings = GuardSettings(guard_data, guard_samples, guard_margin, guard_model)
             guarded = guard_plans(table, plans, options, provenance, read_metadata(calibration), settings,
                                   log=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
             plans, verdicts = [p for p, _ in guarded], [v for _, v in guarded]

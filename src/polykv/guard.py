@@ -6,9 +6,10 @@ that a uniform policy keeps; BENCHMARKS.md, Generalization). So before a plan is
 whole-model loss of each candidate at the same budget: the solved plan, blends that re-solve it with per-layer
 budget floors (a fraction of the average budget on every layer, between the free plan and a uniform one), and every
 uniform policy. The loss is the mean over held-out samples of KL(full cache || candidate) on the teacher-forced
-answer with every layer compressed, the objective `polykv refine` uses. The candidate with the lowest loss is
-written; its provenance records every candidate's loss, so a plan is never knowingly worse than the best single
-policy on the data it was judged on.
+answer with every layer compressed, the objective `polykv refine` uses. The solved plan is written unless another
+candidate's loss is clearly lower (by more than `MARGIN` standard errors of the paired difference), in which case
+the lowest of those is; the provenance records every candidate's loss, so a plan is never knowingly worse than the
+best single policy on the data it was judged on.
 
 The measurement needs the model (a few batched answer forwards per sample); the candidates and the choice need only
 plans, so `polykv.solve` builds the candidates and this module judges them.
@@ -28,6 +29,9 @@ from polykv.solve.candidates import SOLVED, guard_candidates
 from polykv.solve.constraints import SolveOptions
 from polykv.solve.aggregate import OptionTable
 
+#: Another candidate replaces the solved plan only if its loss is lower by more than this many standard errors of
+#: the paired per-sample difference: a prior choice (about a one-sided 84 % level), not tuned on any result.
+MARGIN = 1.0
 OBJECTIVE = "mean KL(full || plan) over teacher-forced held-out answers, all layers compressed"
 
 Measure = Callable[[Sequence[Plan]], np.ndarray]  # plans -> (samples, plans) answer KL
@@ -59,6 +63,7 @@ class Verdict:
     chosen: str
     samples: int
     data_hash: str | None = None
+    margin: float = 1.0
 
     @property
     def best_uniform(self) -> str | None:
@@ -73,6 +78,7 @@ class Verdict:
             "samples": self.samples,
             "data_hash": self.data_hash,
             "chosen": self.chosen,
+            "margin_se": self.margin,
             "solved_loss": _round(self.losses.get(SOLVED)),
             "best_uniform": best,
             "best_uniform_loss": None if best is None else _round(self.losses[best]),
@@ -82,24 +88,37 @@ class Verdict:
         }
 
 
-def judge(per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = None) -> Verdict:
-    """The candidate with the least mean loss (ties go to the earlier name, so the solved plan first).
+def clearly_below(per_sample: np.ndarray, i: int, ref: int, margin: float) -> bool:
+    """Whether candidate `i`'s loss is below candidate `ref`'s by more than `margin` standard errors of their paired
+    per-sample difference (with one sample: strictly below)."""
+    d = per_sample[:, i] - per_sample[:, ref]
+    se = float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+    return float(d.mean()) < -margin * se and float(d.mean()) < 0
 
-    `per_sample` is (samples, candidates), in the order of `names`."""
+
+def judge(per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = None,
+          margin: float = MARGIN) -> Verdict:
+    """The candidate to write: the first one (the solved plan) unless others are clearly better (`clearly_below`
+    with `margin`), then the one of those with the least mean loss (ties go to the earlier name).
+
+    `per_sample` is (samples, candidates), in the order of `names`. A handful of samples cannot tell apart plans
+    whose losses differ by less than their noise, so the solved plan is not swapped for a blend on a coin toss."""
     if per_sample.ndim != 2 or per_sample.shape[1] != len(names) or per_sample.shape[0] == 0:
         raise ValueError(f"per_sample must be (samples >= 1, {len(names)}), got {per_sample.shape}")
     means = per_sample.mean(0)
     losses = {name: float(m) for name, m in zip(names, means)}
-    chosen = names[int(np.argmin(means))]
+    better = [i for i in range(1, len(names)) if clearly_below(per_sample, i, 0, margin)]
+    chosen = names[min(better, key=lambda i: (means[i], i))] if better else names[0]
     uniform = [i for i, n in enumerate(names) if n.startswith("uniform:")]
     wins: dict[str, int] = {}
     if uniform:
         best = min(uniform, key=lambda i: means[i])
         wins = {n: int((per_sample[:, i] < per_sample[:, best]).sum()) for i, n in enumerate(names) if i != best}
-    return Verdict(losses, wins, chosen, int(per_sample.shape[0]), data_hash)
+    return Verdict(losses, wins, chosen, int(per_sample.shape[0]), data_hash, margin)
 
 
-def guard(candidates: Mapping[str, Plan], measure: Measure, data_hash: str | None = None) -> tuple[Plan, Verdict]:
+def guard(candidates: Mapping[str, Plan], measure: Measure, data_hash: str | None = None, margin: float = MARGIN
+          ) -> tuple[Plan, Verdict]:
     """Measure each distinct candidate once, keep the best one, and record the verdict in its provenance.
 
     A candidate equal to an earlier one (layer by layer) shares its measured losses, so a solved plan that is
@@ -110,13 +129,13 @@ def guard(candidates: Mapping[str, Plan], measure: Measure, data_hash: str | Non
     column = {tuple(choices(pool[n])): i for i, n in enumerate(unique)}
     names = list(candidates)
     per_sample = measured[:, [column[tuple(choices(candidates[n]))] for n in names]]
-    verdict = judge(per_sample, names, data_hash)
+    verdict = judge(per_sample, names, data_hash, margin)
     chosen = candidates[verdict.chosen]
     return replace(chosen, provenance={**chosen.provenance, "guard": verdict.provenance()}), verdict
 
 
-def guard_all(frontier: Sequence[Mapping[str, Plan]], measure: Measure, data_hash: str | None = None
-              ) -> list[tuple[Plan, Verdict]]:
+def guard_all(frontier: Sequence[Mapping[str, Plan]], measure: Measure, data_hash: str | None = None,
+              margin: float = MARGIN) -> list[tuple[Plan, Verdict]]:
     """`guard` for several budgets with one measurement call (one batch of rows per sample for all of them)."""
     pools = [distinct(c) for c in frontier]
     flat = [plan for pool in pools for plan in pool.values()]
@@ -126,7 +145,7 @@ def guard_all(frontier: Sequence[Mapping[str, Plan]], measure: Measure, data_has
         width = len(pool)
         block = per_sample[:, start : start + width]
         start += width
-        out.append(guard(candidates, lambda _plans, block=block: block, data_hash))
+        out.append(guard(candidates, lambda _plans, block=block: block, data_hash, margin))
     return out
 
 
@@ -178,6 +197,7 @@ class GuardSettings:
 
     data: Path | None = None  # JSONL of samples; None: the shipped held-out set
     samples: int = 8
+    margin: float = MARGIN
     model: str | None = None  # None: the model the calibration names
     device: str | None = None
     dtype: str | None = None
@@ -207,7 +227,7 @@ def guard_plans(table: OptionTable, plans: Sequence[Plan], options: SolveOptions
     max_context = (metadata.get("settings") or {}).get("max_context")
     measure = model_measure(loaded, items, max_context)
     frontier = [guard_candidates(table, int(p.average_budget), p, options, calibration) for p in plans]
-    return guard_all(frontier, measure, data_hash(items))
+    return guard_all(frontier, measure, data_hash(items), settings.margin)
 
 
 def _round(x: float | None) -> float | None:
