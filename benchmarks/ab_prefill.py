@@ -10,9 +10,9 @@ import torch
 
 torch.set_num_threads(2)
 sys.path.insert(0, sys.argv[1] + "/src")
-import polykv
-from polykv.apply import apply
-from polykv.models import load_model
+import polykv  # noqa: E402 (from the checkout named on the command line)
+from polykv.apply import apply  # noqa: E402
+from polykv.models import load_model  # noqa: E402
 
 assert polykv.__file__.startswith(sys.argv[1]), polykv.__file__
 lm = load_model("smollm2-135m")

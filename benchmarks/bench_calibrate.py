@@ -76,7 +76,12 @@ def main() -> None:
     layers = lm.model.config.num_hidden_layers
     med = {k: statistics.median(v) for k, v in rows.items()}
     cpu = next(
-        (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l), "?"
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        "?",
     )
     print(f"### Calibration cost per sample (SmolLM2-135M, {prepared.prompt_tokens}-token prompt)\n")
     print(f"- machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
@@ -92,7 +97,8 @@ def main() -> None:
     scaled_total = proxy_total + med["scaled: reference e2e (all layers)"]
     print(f"| **scaled sample total** (proxy + reference e2e) | {scaled_total:.2f} | {scaled_total / base:.2f} |")
     print(
-        f"| **e2e sample total** (extrapolated from {args.e2e_layers} of {layers} layers) | {e2e_total:.1f} | {e2e_total / base:.1f} |"
+        f"| **e2e sample total** (extrapolated from {args.e2e_layers} of {layers} layers) | {e2e_total:.1f} | "
+        f"{e2e_total / base:.1f} |"
     )
     print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -48,7 +48,7 @@ def main() -> None:
             sec = json.loads((out / "info.json").read_text())["seconds"]
             preds = pd.read_parquet(out / "results.parquet").prediction.tolist()
             reference = reference if reference is not None else preds
-            same = sum(a == b for a, b in zip(reference, preds))
+            same = sum(a == b for a, b in zip(reference, preds, strict=True))
             shown = shlex.join(["polykv", "eval", *opts, "--out", "DIR"])
             print(
                 f"| {n} | {wall:.1f} | {sec['prefill_and_compress']} | {sec['decode']} | {same}/{len(reference)} | "

@@ -14,6 +14,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -68,7 +69,7 @@ def copy_bandwidth(device: torch.device, gib: float, warmup: int, reps: int) -> 
 
 
 def max_err(a: torch.Tensor | tuple[torch.Tensor, ...], b: torch.Tensor | tuple[torch.Tensor, ...]) -> float:
-    pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+    pairs = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
     return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
 
 
@@ -100,8 +101,8 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
                 "window_scores",
                 shape,
                 2 * k.numel() * elt + q.numel() * elt + batch * hkv * tokens * 4,
-                lambda: reference.window_scores(q, k, scaling, valid),
-                lambda: tk.window_scores(q, k, scaling, valid),
+                partial(reference.window_scores, q, k, scaling, valid),
+                partial(tk.window_scores, q, k, scaling, valid),
                 **bench,
             )
         )
@@ -112,8 +113,8 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
                 "gather_kv",
                 f"B={batch} T={tokens} K={kept}",
                 2 * 2 * batch * hkv * kept * dim * elt + idx.numel() * 8,
-                lambda: reference.gather_kv(k, v, idx),
-                lambda: tk.gather_kv(k, v, idx),
+                partial(reference.gather_kv, k, v, idx),
+                partial(tk.gather_kv, k, v, idx),
                 **bench,
             )
         )
@@ -130,8 +131,8 @@ def run(args: argparse.Namespace, device: torch.device) -> list[Row]:
                     f"decode_attention ({label})",
                     f"B={batch} Tmax={length}",
                     nbytes,
-                    lambda: reference.decode_attention(q, k, v, lengths, scaling),
-                    lambda: tk.decode_attention(q, k, v, lengths, scaling),
+                    partial(reference.decode_attention, q, k, v, lengths, scaling),
+                    partial(tk.decode_attention, q, k, v, lengths, scaling),
                     **bench,
                 )
             )

@@ -269,7 +269,7 @@ class KVPressSide:
         with open(venv_log, "w") as fh:
             r = subprocess.run(["bash", str(HERE / "kvpress_venv.sh")], stdout=subprocess.PIPE, stderr=fh, text=True)
         if r.returncode != 0 or not r.stdout.strip():
-            tail = [l for l in venv_log.read_text().splitlines() if not l.startswith("WARNING: Location")][-5:]
+            tail = [line for line in venv_log.read_text().splitlines() if not line.startswith("WARNING: Location")][-5:]
             raise RuntimeError(
                 f"kvpress venv could not be set up (benchmarks/kvpress_venv.sh exit {r.returncode}); "
                 f"last lines of {venv_log}: " + " | ".join(tail)
@@ -369,7 +369,7 @@ def fmt_load(c: Config) -> str:
 
 def paired_overhead(c: Config, plain: Config) -> float | None:
     """Median over rounds of (policy prefill / plain prefill of the same round) - 1, in %."""
-    pairs = [a.prefill_s / b.prefill_s for a, b in zip(c.samples, plain.samples) if b.prefill_s > 0]
+    pairs = [a.prefill_s / b.prefill_s for a, b in zip(c.samples, plain.samples, strict=False) if b.prefill_s > 0]
     return (statistics.median(pairs) - 1) * 100 if pairs else None
 
 
@@ -390,7 +390,7 @@ def kept_str(kept: list[int]) -> str:
 
 def same_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -473,7 +473,8 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
     loads = [s.load1 for res in results.values() for c in res.values() for s in c.samples]
     if loads and statistics.median(loads) > (os.cpu_count() or 1):
         w(
-            f"> **The machine was oversubscribed during this run**: median 1-minute load average {statistics.median(loads):.1f} "
+            "> **The machine was oversubscribed during this run**: median 1-minute load average "
+            f"{statistics.median(loads):.1f} "
             f"on {os.cpu_count()} cores (this benchmark's own {args.threads} thread(s) included). Absolute times are "
             "inflated and noisy; compare configurations within a table (same rounds, same load), not with other runs."
         )
@@ -514,7 +515,8 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
         )
         w("")
         w(
-            "| policy | PolyKV s | PolyKV overhead | kvpress s | kvpress overhead | load1 min–max / threads (PolyKV; kvpress) |"
+            "| policy | PolyKV s | PolyKV overhead | kvpress s | kvpress overhead | load1 min–max / threads (PolyKV; "
+            "kvpress) |"
         )
         w("| --- | --- | --- | --- | --- | --- |")
         for p in ["plain"] + args.policies:
@@ -541,7 +543,9 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
             c, plain = res.get(("polykv", p)), res.get(("polykv", "plain"))
             if c and plain and c.samples and plain.samples:
                 ov = paired_overhead(c, plain)
-                per_round = [(a.prefill_s / b.prefill_s - 1) * 100 for a, b in zip(c.samples, plain.samples)]
+                per_round = [
+                    (a.prefill_s / b.prefill_s - 1) * 100 for a, b in zip(c.samples, plain.samples, strict=False)
+                ]
                 lo, hi = min(per_round), max(per_round)
                 plo, phi = plain.span("prefill_s")
                 noise = (phi / plo - 1) * 100 if plo > 0 else float("inf")
@@ -577,7 +581,8 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
         )
         w("")
         w(
-            "| cache | tokens/layer | PolyKV tok/s | PolyKV speed-up | kvpress tok/s | kvpress speed-up | kvpress same tokens as PolyKV |"
+            "| cache | tokens/layer | PolyKV tok/s | PolyKV speed-up | kvpress tok/s | kvpress speed-up | kvpress "
+            "same tokens as PolyKV |"
         )
         w("| --- | --- | --- | --- | --- | --- | --- |")
         for p in ["plain"] + args.policies:
@@ -619,12 +624,14 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
         w("#### KV cache size after prefill")
         w("")
         w(
-            "K+V bytes (float32) of the cache right after prefill, before any decoded token; full = what the plain cache "
+            "K+V bytes (float32) of the cache right after prefill, before any decoded token; full = what the plain "
+            "cache "
             "holds. PolyKV also stores each kept token's source column (int32 per KV head), shown as index bytes."
         )
         w("")
         w(
-            "| policy | PolyKV kept tokens/layer | PolyKV K+V | + index | full | PolyKV kept/full | kvpress kept tokens/layer | kvpress K+V | kvpress kept/full |"
+            "| policy | PolyKV kept tokens/layer | PolyKV K+V | + index | full | PolyKV kept/full | kvpress kept "
+            "tokens/layer | kvpress K+V | kvpress kept/full |"
         )
         w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for p in ["plain"] + args.policies:
@@ -651,7 +658,8 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
     w("### Notes")
     w("")
     w(
-        "- The machine is shared: other processes may run during the measurement, so absolute seconds depend on the load "
+        "- The machine is shared: other processes may run during the measurement, so absolute seconds depend on the "
+        "load "
         "average shown with every row; the interleaved, shuffled rounds and the paired overhead keep the comparisons "
         "between configurations fair, but single figures can still move by tens of percent between runs."
     )
@@ -666,7 +674,8 @@ def report(args, argv: list[str], results: dict, env: dict, rendered_from: str |
     )
     if "h2o" in args.policies:
         w(
-            "- kvpress has no H2O press; ObservedAttentionPress (accumulated attention, no recent window) is the closest, "
+            "- kvpress has no H2O press; ObservedAttentionPress (accumulated attention, no recent window) is the "
+            "closest, "
             "and it needs eager attention, which materialises every layer's T × T attention matrix: its prefill time "
             "says more about eager attention than about the press."
         )

@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,7 @@ def synthetic_curves(
     tau = rng.uniform(32, 512, (layers, policies, 1, 1))
     difficulty = rng.uniform(0.5, 1.5, (1, 1, 1, samples))
     values = scale * difficulty * np.exp(-grid[None, None, :, None] / tau)  # (L, P, B, S)
-    l, p, b, s = np.meshgrid(
+    lay, p, b, s = np.meshgrid(
         np.arange(layers), np.arange(policies), np.arange(budgets), np.arange(samples), indexing="ij"
     )
     df = pd.DataFrame(
@@ -54,7 +55,7 @@ def synthetic_curves(
             "fingerprint": fingerprint_hash(fp),
             "sample_id": np.array([f"s{i}" for i in range(samples)])[s.ravel()],
             "category": np.array(["qa", "code"])[s.ravel() % 2],
-            "layer": l.ravel().astype(np.int32),
+            "layer": lay.ravel().astype(np.int32),
             "head": pd.array([pd.NA] * values.size, dtype="Int32"),
             "policy": np.array(names)[p.ravel()],
             "budget": grid[b.ravel()].astype(np.int32),
@@ -63,6 +64,11 @@ def synthetic_curves(
         }
     )
     return df, fp
+
+
+def aggregate_and_solve(curves, fp, avg):
+    """The whole path of `polykv solve` after reading the curves."""
+    return solve_plan(aggregate(curves, fp, "bench/model"), avg)
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
@@ -95,12 +101,12 @@ def main() -> None:
         "aggregate + DP | target |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (layers, policies, budgets, avg), target in zip(CASES, ("< 1 s", "< 5 s")):
+    for (layers, policies, budgets, avg), target in zip(CASES, ("< 1 s", "< 5 s"), strict=True):
         curves, fp = synthetic_curves(layers, policies, budgets, args.samples)
-        t_agg, table = timed(lambda: aggregate(curves, fp, "bench/model"), args.repeat)
-        t_dp, dp = timed(lambda: solve_plan(table, avg, SolveOptions(solver="dp")), args.repeat)
-        t_ilp, ilp = timed(lambda: solve_plan(table, avg, SolveOptions(solver="ilp")), args.repeat)
-        t_all, _ = timed(lambda: solve_plan(aggregate(curves, fp, "bench/model"), avg), args.repeat)
+        t_agg, table = timed(partial(aggregate, curves, fp, "bench/model"), args.repeat)
+        t_dp, dp = timed(partial(solve_plan, table, avg, SolveOptions(solver="dp")), args.repeat)
+        t_ilp, ilp = timed(partial(solve_plan, table, avg, SolveOptions(solver="ilp")), args.repeat)
+        t_all, _ = timed(partial(aggregate_and_solve, curves, fp, avg), args.repeat)
         if abs(dp.predicted_loss - ilp.predicted_loss) > 1e-9 * max(1.0, abs(dp.predicted_loss)):
             raise SystemExit(f"DP and ILP disagree: {dp.predicted_loss} vs {ilp.predicted_loss}")
         print(

@@ -36,7 +36,9 @@ def main() -> None:
         loaded, items, args.max_context, on_sample=lambda i: print(f"prepared {i + 1}/{len(items)}", file=sys.stderr)
     )
     plans = [Plan.load(p) for p in args.plans]
-    per = Objective(loaded.model, prepared).per_sample([[(l.policy, l.budget) for l in p.layers] for p in plans])
+    per = Objective(loaded.model, prepared).per_sample(
+        [[(layer.policy, layer.budget) for layer in p.layers] for p in plans]
+    )
     print(f"command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`\n")
     print("| category | samples | " + " | ".join(p.parent.name + "/" + p.name for p in args.plans) + " |")
     print("|---|---|" + "---|" * len(plans))

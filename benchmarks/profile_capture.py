@@ -44,7 +44,8 @@ def main() -> None:
     ids = encode(loaded.tokenizer, row["context"], row["question"]).ids
     model = loaded.model
     print(
-        f"{args.model}, {row['id']}: {ids.shape[1]} prompt tokens, {args.threads} threads, {model.dtype}, best of {args.repeats}"
+        f"{args.model}, {row['id']}: {ids.shape[1]} prompt tokens, {args.threads} threads, {model.dtype}, best of "
+        f"{args.repeats}"
     )
     with torch.no_grad():
         model(input_ids=ids[:, :256], use_cache=True, logits_to_keep=1)  # warm-up: first-call allocations

@@ -79,7 +79,7 @@ def build_code_qa(n: int, seed: int, part: Partition = CALIBRATION, size: Size =
                 continue
             a = node.args
             positional = a.args[len(a.args) - len(a.defaults) :]
-            pairs = list(zip(positional, a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+            pairs = list(zip(positional, a.defaults, strict=True)) + list(zip(a.kwonlyargs, a.kw_defaults, strict=True))
             for arg, default in pairs:
                 text = ast.get_source_segment(f.text, default) if isinstance(default, ast.Constant) else None
                 if text and len(text) <= 20:  # the literal as written in the source

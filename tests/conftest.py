@@ -138,7 +138,7 @@ def write_samples(path, n: int = 3, length: int = 300, seed: int = 0) -> None:
             )
 
 
-# --- a tiny model on disk, for the real CLI in subprocesses (crash/resume, torchrun) -----------------------------------
+# --- a tiny model on disk, for the real CLI in subprocesses (crash/resume, torchrun) ----------------------------------
 
 WORDS = "alpha beta gamma delta The the key is What Question Answer . ? : , !".split() + list("0123456789")
 

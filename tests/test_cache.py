@@ -46,7 +46,7 @@ def test_full_policy_matches_dynamic_cache(arch, attn):
             pad_token_id=0,
         )
     assert torch.equal(ref.sequences, got.sequences)
-    for a, b in zip(ref.logits, got.logits):
+    for a, b in zip(ref.logits, got.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
@@ -153,7 +153,7 @@ def test_prefill_compression_equals_capture_compression(name):
     with apply(model, settings):
         live = output_cache(model(ids))
     offline = capture(model, ids, window=64).compress(settings)
-    for a, b in zip(live.layers, offline.layers):
+    for a, b in zip(live.layers, offline.layers, strict=True):
         assert torch.equal(a.columns, b.columns)
         assert torch.equal(a.keys, b.keys)
 
@@ -239,9 +239,11 @@ def test_triton_decode_path_matches_torch_path(monkeypatch):
         with apply(model, ragged(3)):
             cache = output_cache(model(ids))
         with polykv_attention(model):
-            outs.append((model(nxt, **with_cache(model, cache)).logits, [l.columns.clone() for l in cache.layers]))
+            outs.append(
+                (model(nxt, **with_cache(model, cache)).logits, [layer.columns.clone() for layer in cache.layers])
+            )
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
-    for a, b in zip(outs[0][1], outs[1][1]):
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
         assert torch.equal(a, b)
 
 

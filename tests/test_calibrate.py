@@ -170,7 +170,7 @@ def test_proxy_equals_its_dense_definition():
         causal = torch.ones(m, t + m, dtype=torch.bool).tril(diagonal=t)
         logits = (q @ k.transpose(-1, -2) * obs.scaling).masked_fill(~causal, float("-inf"))
         full = torch.softmax(logits, -1) @ v
-        for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options)):
+        for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options), strict=True):
             keep = torch.zeros(k.shape[0] // g, t + m, dtype=torch.bool)
             keep[:, t:] = True
             keep.scatter_(1, opt.setting.kept_indices(obs)[0], True)
@@ -196,7 +196,7 @@ def test_scaled_measure_adds_reference_rows_equal_to_e2e_and_solves_proxy_scaled
     curves, full = pd.read_parquet(out / "curves"), pd.read_parquet(ref_out / "curves")
     assert set(curves.metric) == {"proxy_err", "proxy_mass", "ref_e2e_kl", "ref_proxy_err", "uniform_e2e_kl"}
     refs = curves[curves.metric == "ref_e2e_kl"]
-    assert set(zip(refs.policy, refs.budget)) == set(REFERENCE_OPTIONS) and len(refs) == 3 * 3 * 2
+    assert set(zip(refs.policy, refs.budget, strict=True)) == set(REFERENCE_OPTIONS) and len(refs) == 3 * 3 * 2
     key = ["sample_id", "layer", "policy", "budget"]
     got = refs.merge(full[full.metric == "e2e_kl"], on=key, suffixes=("", "_e2e"))
     assert len(got) == len(refs) and np.allclose(got.value, got.value_e2e, atol=1e-6)
@@ -253,9 +253,9 @@ def test_uniform_anchors_equal_a_direct_measurement_and_anchor_the_solve(tmp_pat
         got = sum(anchored.predicted_loss(layer, policy, int(budget)) for layer in range(3))
         assert got == pytest.approx(max(want, 0.0), rel=1e-6, abs=1e-12)
         ratio = [
-            anchored.predicted_loss(l, policy, int(budget)) / s
-            for l in range(3)
-            if (s := scaled.predicted_loss(l, policy, int(budget))) > 0
+            anchored.predicted_loss(layer, policy, int(budget)) / s
+            for layer in range(3)
+            if (s := scaled.predicted_loss(layer, policy, int(budget))) > 0
         ]
         assert np.allclose(ratio, ratio[:1])  # one factor per (policy, budget): the layers' shape is kept
         shaped += len(ratio) > 1

@@ -52,6 +52,6 @@ def test_plan_show_into_a_pipe_keeps_every_policy_name_whole():
         assert "…" not in result.output
         rows = [line for line in result.output.splitlines() if re.match(r"\s*\d+ │", line)]
         assert len(rows) == len(plan.layers)  # one line per layer: no cell wrapped onto a second line
-        for lp, row in zip(plan.layers, rows):
+        for lp, row in zip(plan.layers, rows, strict=True):
             cells = [c.strip() for c in row.split("│")]
             assert cells[0] == str(lp.layer) and cells[2] == lp.policy, row

@@ -44,6 +44,15 @@ def test_engine_equals_compressing_during_prefill(mode, shared):
             assert got[(r["method"], r["budget"])] == r["prediction"], (r["method"], r["budget"])
 
 
+def _padded(group: list[int], widths: list[list[int]]) -> int:
+    """Tokens a batch of `group` holds: every row padded to the widest row, per layer."""
+    return len(group) * sum(max(widths[j][layer] for j in group) for layer in range(len(widths[0])))
+
+
+def _allowed(group: list[int], widths: list[list[int]], max_rows: int, max_tokens: int) -> bool:
+    return len(group) <= max_rows and (_padded(group, widths) <= max_tokens or len(group) == 1)
+
+
 def test_partition_is_the_cheapest_contiguous_split_within_limits():
     """The batch partition against brute force over every split of the width-sorted jobs."""
     import itertools
@@ -58,29 +67,26 @@ def test_partition_is_the_cheapest_contiguous_split_within_limits():
         fixed, max_rows, max_tokens = rng.choice([0, 50, 1000]), rng.randint(1, 4), rng.choice([10**6, 700])
         order = sorted(range(n), key=lambda j: sum(widths[j]))
 
-        def cost(group):
-            return fixed + len(group) * sum(max(widths[j][l] for j in group) for l in range(layers))
-
-        def allowed(group):
-            padded = len(group) * sum(max(widths[j][l] for j in group) for l in range(layers))
-            return len(group) <= max_rows and (padded <= max_tokens or len(group) == 1)
-
         best = min(
-            sum(cost(g) for g in groups)
+            sum(fixed + _padded(g, widths) for g in groups)
             for cuts in itertools.product([False, True], repeat=n - 1)
             for groups in [
                 [
                     order[a:b]
                     for a, b in zip(
-                        [0] + [i + 1 for i, c in enumerate(cuts) if c], [i + 1 for i, c in enumerate(cuts) if c] + [n]
+                        [0] + [i + 1 for i, c in enumerate(cuts) if c],
+                        [i + 1 for i, c in enumerate(cuts) if c] + [n],
+                        strict=True,
                     )
                 ]
             ]
-            if all(allowed(g) for g in groups)
+            if all(_allowed(g, widths, max_rows, max_tokens) for g in groups)
         )
         got = partition(widths, fixed, max_rows, max_tokens)
-        assert sorted(j for g in got for j in g) == list(range(n)) and all(allowed(g) for g in got)
-        assert sum(cost(g) for g in got) == best
+        assert sorted(j for g in got for j in g) == list(range(n)) and all(
+            _allowed(g, widths, max_rows, max_tokens) for g in got
+        )
+        assert sum(fixed + _padded(g, widths) for g in got) == best
 
 
 def test_finished_rows_leaving_the_batch_changes_no_token():

@@ -124,7 +124,7 @@ def ref_expected_attention(ref: RefLayer, h: int, params: dict) -> list[float]:
         ]
         top = max(logits)
         exp = [math.exp(x - top) for x in logits]
-        total = [t + e / sum(exp) for t, e in zip(total, exp)]
+        total = [t + e / sum(exp) for t, e in zip(total, exp, strict=True)]
     scores = [t * math.sqrt(sum(float(x) ** 2 for x in ref.values[h, j])) for j, t in enumerate(total)]
     if params.get("keep_window", True):
         scores = [math.inf if j >= T - w else v for j, v in enumerate(scores)]
@@ -187,7 +187,7 @@ def test_kept_set_matches_brute_force(reference_run, name, params):
     with apply(model, [setting] * len(layers)):
         cache = output_cache(model(ids))
     budget = T if reference.keeps_all else BUDGET
-    for ref, layer in zip(layers, cache.layers):
+    for ref, layer in zip(layers, cache.layers, strict=True):
         for h in range(layer.columns.shape[1]):
             assert_top_k(layer.columns[0, h].tolist(), reference.scores(ref, h, params), budget)
 

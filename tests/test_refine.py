@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_objective_equals_a_direct_measurement_per_plan(setup):
     plans = [[("full", 512)] * 3, [("streaming", 16), ("snapkv", 32), ("h2o", 8)], [("knorm", 8)] * 3]
     got = Objective(model, samples, max_rows=2)(plans)  # 2 rows per batch: the third plan is its own batch
     assert got[0] == pytest.approx(0.0, abs=1e-6)
-    for plan, value in zip(plans[1:], got[1:]):
+    for plan, value in zip(plans[1:], got[1:], strict=True):
         want = 0.0
         for sample in samples:
             cache = sample.capture.compress([LayerSetting(make_policy(p), b) for p, b in plan])
@@ -72,12 +73,12 @@ def test_refine_never_raises_the_measured_loss_and_stays_within_budget(setup):
     start = uniform_plan("tiny", fp, "streaming", 16)
     result = refine_plan(loaded.model, samples, start, GRID, POLICIES, rounds=3, min_gain=0.0)
     losses = result.losses
-    assert all(b < a for a, b in zip(losses, losses[1:]))  # each accepted round strictly lowers it
+    assert all(b < a for a, b in itertools.pairwise(losses))  # each accepted round strictly lowers it
     assert len(result.moves) == len(losses) - 1 >= 1  # streaming@16 everywhere is far from the best plan
     plan = result.plan
     plan.validate()
     assert plan.used_budget <= plan.total_budget == start.total_budget
-    final = Objective(loaded.model, samples)([[(l.policy, l.budget) for l in plan.layers]])[0]
+    final = Objective(loaded.model, samples)([[(layer.policy, layer.budget) for layer in plan.layers]])[0]
     assert final == pytest.approx(losses[-1], rel=1e-4)  # batch composition changes rounding only
     assert plan.provenance["refine"]["measured_loss"][0] == pytest.approx(losses[0], rel=1e-5)
     assert plan.predicted_loss is None  # the solver's prediction no longer describes these layers
@@ -141,7 +142,7 @@ def test_a_round_that_does_not_lower_the_held_out_loss_is_turned_down_and_the_se
     result = refine_plan(loaded.model, samples, start, fine, POLICIES, rounds=5, min_gain=0.0, held_out=held_out)
     assert result.held_out == [1.0, 0.8] and len(result.moves) == 1
     assert result.rejected and all(r[0] == 2 and r[2] == 0.9 for r in result.rejected)  # round 2: turned down
-    kept = [(l.policy, l.budget) for l in result.plan.layers]
+    kept = [(layer.policy, layer.budget) for layer in result.plan.layers]
     assert scripted.search(kept).mean() == result.losses[1]  # round 1's plan
     refine = result.plan.provenance["refine"]
     assert refine["rounds"] == 1 and refine["held_out"]["loss"] == [1.0, 0.8]

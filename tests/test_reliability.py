@@ -80,7 +80,7 @@ def solve(cal, out, *more):
     return cli("solve", "-c", cal, "--out", out, *more, *(() if guarded else ("--no-guard",)))
 
 
-# --- the happy path works, so that the errors below are not vacuous ----------------------------------------------------
+# --- the happy path works, so that the errors below are not vacuous ---------------------------------------------------
 
 
 def test_good_inputs_work(tiny_hf_dir, plan):
@@ -100,7 +100,7 @@ def test_good_inputs_work(tiny_hf_dir, plan):
     assert json.loads(result.stdout)["kept_tokens"]
 
 
-# --- calibration data ---------------------------------------------------------------------------------------------
+# --- calibration data -------------------------------------------------------------------------------------------------
 
 
 def test_data_missing(tiny_hf_dir, tmp_path):
@@ -138,7 +138,7 @@ def test_sample_longer_than_the_models_context(tiny_hf_dir, tmp_path):
     assert files(out) == ["run.json"]
 
 
-# --- calibration (Parquet) directories ----------------------------------------------------------------------------
+# --- calibration (Parquet) directories --------------------------------------------------------------------------------
 
 
 def test_parquet_corrupt(calibration, tmp_path):
@@ -204,7 +204,7 @@ def test_calibrate_into_another_models_directory(tiny_hf_dir, tiny_data, calibra
     assert {p: (cal / p).read_bytes() for p in files(cal) if (cal / p).is_file()} == before
 
 
-# --- plans ----------------------------------------------------------------------------------------------------------
+# --- plans ------------------------------------------------------------------------------------------------------------
 
 
 def bad_plan(plan: Path, tmp_path: Path, mutate) -> Path:
@@ -282,7 +282,7 @@ def test_total_budget_below_any_option(calibration, tmp_path):
     assert files(tmp_path) == []
 
 
-# --- prompts and models ------------------------------------------------------------------------------------------
+# --- prompts and models -----------------------------------------------------------------------------------------------
 
 
 def test_empty_prompt(tiny_hf_dir):
@@ -315,7 +315,7 @@ def test_bundled_model_package_not_installed(monkeypatch):
     )
 
 
-# --- outputs -----------------------------------------------------------------------------------------------------------
+# --- outputs ----------------------------------------------------------------------------------------------------------
 
 
 def test_output_not_writable_calibrate(tiny_hf_dir, tiny_data, tmp_path):

@@ -126,17 +126,17 @@ def write_calibration(
 def brute_force(costs, losses, capacity, groups=None, max_groups=None):
     best = None
     for combo in itertools.product(*[range(len(c)) for c in costs]):
-        if sum(int(c[k]) for c, k in zip(costs, combo)) > capacity:
+        if sum(int(c[k]) for c, k in zip(costs, combo, strict=True)) > capacity:
             continue
-        if max_groups is not None and len({int(g[k]) for g, k in zip(groups, combo)} - {-1}) > max_groups:
+        if max_groups is not None and len({int(g[k]) for g, k in zip(groups, combo, strict=True)} - {-1}) > max_groups:
             continue
-        total = fsum(float(f[k]) for f, k in zip(losses, combo))
+        total = fsum(float(f[k]) for f, k in zip(losses, combo, strict=True))
         best = total if best is None else min(best, total)
     return best
 
 
 def objective(losses, picks):
-    return fsum(float(f[k]) for f, k in zip(losses, picks))
+    return fsum(float(f[k]) for f, k in zip(losses, picks, strict=True))
 
 
 @st.composite
@@ -169,7 +169,7 @@ def test_dp_equals_ilp_equals_brute_force(inst):
                 solver(costs, losses, capacity)
             continue
         picks = solver(costs, losses, capacity)
-        assert sum(int(c[k]) for c, k in zip(costs, picks)) <= capacity
+        assert sum(int(c[k]) for c, k in zip(costs, picks, strict=True)) <= capacity
         assert _close(objective(losses, picks), expected)
 
 
@@ -184,8 +184,8 @@ def test_max_groups_dp_equals_ilp_equals_brute_force(inst, k):
                 solver(costs, losses, capacity, groups, k)
             continue
         picks = solver(costs, losses, capacity, groups, k)
-        assert sum(int(c[i]) for c, i in zip(costs, picks)) <= capacity
-        assert len({int(g[i]) for g, i in zip(groups, picks)} - {-1}) <= k
+        assert sum(int(c[i]) for c, i in zip(costs, picks, strict=True)) <= capacity
+        assert len({int(g[i]) for g, i in zip(groups, picks, strict=True)} - {-1}) <= k
         assert _close(objective(losses, picks), expected)
 
 
@@ -404,7 +404,7 @@ def test_byte_constraint_with_unequal_layers_and_sliding_window():
     assert cm.unit == "bytes" and cm.per_token == (128, 128, 256, 256)
     for avg in (16, 48, 128):
         plan = solve_plan(table, avg, SolveOptions(cross_check=True))
-        assert plan.total_budget == sum(cm.per_token[l] * min(avg, cm.caps[l] or avg) for l in range(4))
+        assert plan.total_budget == sum(cm.per_token[layer] * min(avg, cm.caps[layer] or avg) for layer in range(4))
         assert plan.used_budget <= plan.total_budget
         assert plan.layers[0].budget <= 32 and plan.layers[2].budget <= 32
         Plan.from_dict(json.loads(plan.to_json()))
@@ -457,16 +457,16 @@ def test_pyramid_with_sliding_layers_fits_bytes():
     fp = make_fingerprint(num_layers=6, sliding=[0, 1, 3, 4], window=16)
     cm = CostModel.for_fingerprint(fp)
     budgets = pyramid_budgets(cm, 64)
-    assert all(budgets[l] <= 16 for l in (0, 1, 3, 4))
-    assert sum(cm.cost(l, b) for l, b in enumerate(budgets)) <= cm.total(64)
-    assert cm.total(64) - sum(cm.cost(l, b) for l, b in enumerate(budgets)) < max(cm.per_token)
+    assert all(budgets[layer] <= 16 for layer in (0, 1, 3, 4))
+    assert sum(cm.cost(layer, b) for layer, b in enumerate(budgets)) <= cm.total(64)
+    assert cm.total(64) - sum(cm.cost(layer, b) for layer, b in enumerate(budgets)) < max(cm.per_token)
     assert budgets[2] > pyramid_budgets(CostModel.for_fingerprint(make_fingerprint(num_layers=6)), 64)[2]
 
 
 def test_allocation_plans_scored_from_table(table):
     uni = allocation_plan(table, "uniform", "snapkv", 64)
     assert {lp.budget for lp in uni.layers} == {64} and uni.provenance["solver"] == "uniform"
-    assert uni.predicted_loss == pytest.approx(sum(table.predicted_loss(l, "snapkv", 64) for l in range(6)))
+    assert uni.predicted_loss == pytest.approx(sum(table.predicted_loss(layer, "snapkv", 64) for layer in range(6)))
     pyr = allocation_plan(table, "pyramid", "snapkv", 32)
     assert pyr.used_budget <= pyr.total_budget and pyr.provenance["options"]["beta"] == 20.0
     assert pyr.layers[0].budget > pyr.layers[-1].budget

@@ -33,7 +33,8 @@ def register(app: typer.Typer) -> None:
         measure: str = typer.Option(
             "scaled",
             "--measure",
-            help="scaled (default: proxy curves, each layer scaled by e2e KL at 2 reference options) | proxy | e2e | both",
+            help="scaled (default: proxy curves, each layer scaled by e2e KL at 2 reference options) | proxy | e2e "
+            "| both",
         ),
         max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
         e2e_batch: int = typer.Option(8, "--e2e-batch", help="Options per batched forward in e2e mode."),

@@ -22,13 +22,16 @@ def _machine() -> str:
     cpu = "unknown CPU"
     try:
         cpu = next(
-            l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in l
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
         )
     except (OSError, StopIteration):
         pass
     import torch
 
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads)"
 
 
 def register(app: typer.Typer) -> None:

@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         holdout: int | None = typer.Option(
             None,
             "--holdout",
-            help="Further samples (the next round-robin ones) that only judge each round: a round is accepted only if it also lowers their loss. Default: the samples left after --samples, at most 8. 0: none.",
+            help="Further samples (the next round-robin ones) that only judge each round: a round is accepted only "
+            "if it also lowers their loss. Default: the samples left after --samples, at most 8. 0: none.",
         ),
         rounds: int = typer.Option(8, "--rounds", help="At most this many rounds of moves per plan."),
         caution: float = typer.Option(
@@ -122,7 +123,10 @@ def register(app: typer.Typer) -> None:
             target = out_dir / f"avg{budget}.json"
             result.plan.save(target)
             written.append(target)
-            changed = sum(a.policy != b.policy or a.budget != b.budget for a, b in zip(plan.layers, result.plan.layers))
+            changed = sum(
+                a.policy != b.policy or a.budget != b.budget
+                for a, b in zip(plan.layers, result.plan.layers, strict=True)
+            )
             row = [str(budget), f"{result.losses[0]:.4f}", f"{result.losses[-1]:.4f}", str(len(result.moves))]
             row += [f"{result.held_out[0]:.4f}", f"{result.held_out[-1]:.4f}"] if held_out else []
             table.add_row(*row, str(changed), f"{result.seconds:.0f}")

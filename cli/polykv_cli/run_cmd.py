@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"{loaded.name}: KV cache per layer", show_lines=False)
         for col in ("layer", "policy", "budget", "kept", "full"):
             table.add_column(col, justify="right" if col != "policy" else "left")
-        for i, (s, k, f) in enumerate(zip(result.layers, result.kept_tokens, result.full_tokens)):
+        for i, (s, k, f) in enumerate(zip(result.layers, result.kept_tokens, result.full_tokens, strict=True)):
             table.add_row(str(i), s["policy"], str(s["budget"]), str(k), str(f))
         err.print(table)
         mb = 1 / 2**20

@@ -58,7 +58,7 @@ class Objective:
             for s, sample in enumerate(self.samples):
                 for start in range(0, len(plans), self.max_rows):
                     group = plans[start : start + self.max_rows]
-                    kept = [[self._kept_columns(s, l, c) for l, c in enumerate(p)] for p in group]
+                    kept = [[self._kept_columns(s, layer, c) for layer, c in enumerate(p)] for p in group]
                     cache = from_kept(sample.capture.cache, kept, slack=sample.answer_in.shape[1])
                     inputs = sample.answer_in.expand(len(group), -1)
                     logits = self.model(input_ids=inputs, **with_cache(self.model, cache), use_cache=True).logits

@@ -249,6 +249,17 @@ class PolyKVCache(Cache):
         return False
 
 
+def _padded_rows(parts: list[Tensor], size: int, fill) -> Tensor:
+    """One batch of single-row tensors (1, H, n_r, ...), each written at the start of a row of `size` entries along
+    the sequence; the rest is `fill`."""
+    shape = list(parts[0].shape)
+    shape[0], shape[2] = len(parts), size
+    buf = torch.full(shape, fill, dtype=parts[0].dtype, device=parts[0].device)
+    for row, part in enumerate(parts):
+        buf[row : row + 1, :, : part.shape[2]] = part
+    return buf
+
+
 def stack(caches: list[PolyKVCache], slack: int = 0) -> PolyKVCache:
     """One batch from single-row caches of one capture: per layer, pad to the widest row with masked entries.
 
@@ -256,31 +267,22 @@ def stack(caches: list[PolyKVCache], slack: int = 0) -> PolyKVCache:
     copying the whole batch on its first step.
     """
     layers = []
-    for per_row in zip(*(c.layers for c in caches)):
-        width = max(l.keys.shape[2] for l in per_row)
+    for per_row in zip(*(c.layers for c in caches), strict=True):
+        width = max(layer.keys.shape[2] for layer in per_row)
         first = per_row[0]
         dst = PolyKVLayer(first.sliding_window)
         dst.is_initialized, dst.dtype, dst.device = True, first.keys.dtype, first.keys.device
         dst.seen, dst.compressed = first.seen, True
-        ragged = any(l.keys.shape[2] != width or l.entry_valid is not None for l in per_row)
-
-        def stacked(name: str, parts: list[Tensor], fill) -> Tensor:
-            shape = list(parts[0].shape)
-            shape[0], shape[2] = len(parts), width + slack
-            buf = torch.full(shape, fill, dtype=parts[0].dtype, device=parts[0].device)
-            for row, part in enumerate(parts):
-                buf[row : row + 1, :, : part.shape[2]] = part
-            dst._buffers[name] = buf
-            return buf[:, :, :width]
-
-        for name in ("keys", "values", "columns"):
-            setattr(dst, name, stacked(name, [getattr(l, name) for l in per_row], 0))
+        ragged = any(layer.keys.shape[2] != width or layer.entry_valid is not None for layer in per_row)
+        parts = {name: [getattr(layer, name) for layer in per_row] for name in ("keys", "values", "columns")}
         if ragged:
-            valid = [
-                l.entry_valid if l.entry_valid is not None else torch.ones_like(l.columns, dtype=torch.bool)
-                for l in per_row
+            parts["entry_valid"] = [
+                layer.entry_valid if layer.entry_valid is not None else torch.ones_like(layer.columns, dtype=torch.bool)
+                for layer in per_row
             ]
-            dst.entry_valid = stacked("entry_valid", valid, False)
+        for name, rows in parts.items():
+            dst._buffers[name] = _padded_rows(rows, width + slack, False if name == "entry_valid" else 0)
+            setattr(dst, name, dst._buffers[name][:, :, :width])
         cols = dst.columns
         dst.uniform_heads = bool((cols == cols[:, :1]).all())
         layers.append(dst)

@@ -61,7 +61,7 @@ class Capture:
         if len(settings) != self.num_layers:
             raise ValueError(f"{len(settings)} settings for a capture of {self.num_layers} layers")
         layers = []
-        for i, (src, setting) in enumerate(zip(self.cache.layers, settings)):
+        for i, (src, setting) in enumerate(zip(self.cache.layers, settings, strict=True)):
             dst = clone_layer(src)
             if setting is not None:
                 obs = self.observation(i)

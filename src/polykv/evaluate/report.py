@@ -224,11 +224,15 @@ def plot_plan(plan_path: str | Path, path: Path) -> Path:
 
     plan = json.loads(Path(plan_path).read_text())
     layers = plan["layers"]
-    colors = _colors([l["policy"] for l in layers])
+    colors = _colors([layer["policy"] for layer in layers])
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar([l["layer"] for l in layers], [l["budget"] for l in layers], color=[colors[l["policy"]] for l in layers])
+    ax.bar(
+        [layer["layer"] for layer in layers],
+        [layer["budget"] for layer in layers],
+        color=[colors[layer["policy"]] for layer in layers],
+    )
     ax.axhline(plan["average_budget"], color="black", linestyle=":", linewidth=1)
-    used = sorted({l["policy"] for l in layers})
+    used = sorted({layer["policy"] for layer in layers})
     ax.legend(handles=[Patch(color=colors[p], label=p) for p in used], fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("budget (tokens)")
@@ -266,7 +270,7 @@ def plot_heatmap(calibration: Path, path: Path, metric: str = "proxy_err") -> Pa
         ax.text(j, i, f"{r.value:.2f}", ha="center", va="center", fontsize=6)
     ax.imshow(grid, aspect="auto")
     ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
-    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("budget")
     ax.set_ylabel("layer")
     ax.set_title(f"best policy per layer and budget (mean {metric})", fontsize=9)

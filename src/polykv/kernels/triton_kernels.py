@@ -223,8 +223,8 @@ def _window_scores_kernel(
     HAS_SOFTCAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """One block of keys of one KV head: sum over all window rows of exp(s - m) / l, where each row's max m and
-    sum l merge its S pass-1 partials."""
+    """One block of keys of one KV head: sum over all window rows of exp(s - m) / denom, where each row's max m and
+    sum denom merge its S pass-1 partials."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // HKV).to(tl.int64)
     h = (pid_bh % HKV).to(tl.int64)
@@ -253,9 +253,9 @@ def _window_scores_kernel(
         part_ok = (sp < S)[:, None] & row_ok[None, :]
         m_part = tl.load(m_ptr + part, mask=part_ok, other=-1.0e30)
         m = tl.max(m_part, 0)
-        l = tl.sum(tl.load(l_ptr + part, mask=part_ok, other=0.0) * tl.exp2(m_part - m[None, :]), 0)
-        seen = l > 0  # l >= 1 once a row saw a key; a row that saw none (padding) adds nothing
-        inv_l = tl.where(seen, 1.0 / tl.maximum(l, 1.0), 0.0)
+        denom = tl.sum(tl.load(l_ptr + part, mask=part_ok, other=0.0) * tl.exp2(m_part - m[None, :]), 0)
+        seen = denom > 0  # denom >= 1 once a row saw a key; a row that saw none (padding) adds nothing
+        inv_l = tl.where(seen, 1.0 / tl.maximum(denom, 1.0), 0.0)
         m = tl.where(seen, m, 0.0)
         s = _scaled_logits(tl.dot(q, tl.trans(kb), input_precision=DOT_PREC), scaling, softcap, HAS_SOFTCAP)
         allowed = (cols[None, :] <= (T - W + qi)[:, None]) & key_ok[None, :] & row_ok[:, None]
@@ -545,10 +545,10 @@ def _decode_reduce_kernel(
     dv_ok = dv < DV
     slot = pid.to(tl.int64) * S + s
     m = tl.load(mm_ptr + slot, mask=s_ok, other=float("-inf"))
-    l = tl.load(ml_ptr + slot, mask=s_ok, other=0.0)
+    denom = tl.load(ml_ptr + slot, mask=s_ok, other=0.0)
     o = tl.load(mo_ptr + slot[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
     w = tl.exp2(m - tl.max(m, 0))  # empty splits (max -1e30) get weight 0
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * denom, 0)
     tl.store(out_ptr + b * sob + qh * soh + dv * sod, out.to(out_ptr.dtype.element_ty), mask=dv_ok)
 
 

@@ -51,7 +51,7 @@ def fit_profile(cm: CostModel, average_budget: int, profile: np.ndarray) -> list
         lo, hi = (mid, hi) if used(mid) <= total else (lo, mid)
     exact = np.minimum(lo * profile, caps)
     budgets = np.maximum(np.floor(exact), 1).astype(np.int64)
-    cost = lambda: int(sum(cm.cost(l, int(b)) for l, b in enumerate(budgets)))  # noqa: E731
+    cost = lambda: int(sum(cm.cost(layer, int(b)) for layer, b in enumerate(budgets)))  # noqa: E731
     order = np.argsort(-(exact - np.floor(exact)), kind="stable")
     progress = True
     while progress:

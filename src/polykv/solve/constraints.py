@@ -53,13 +53,13 @@ class SolveOptions:
         if self.full_cost is not None and self.full_cost < 1:
             raise SolveError(f"--full-cost must be >= 1 token, got {self.full_cost}")
         for name, bounds in (("min", self.min_budget), ("max", self.max_budget)):
-            bad = {l: b for l, b in bounds.items() if b < 1}
+            bad = {layer: b for layer, b in bounds.items() if b < 1}
             if bad:
                 raise SolveError(f"--{name}-budget must be >= 1 token, got {bad}")
         clash = {
-            l: (self.min_budget[l], self.max_budget[l])
-            for l in self.min_budget
-            if l in self.max_budget and self.min_budget[l] > self.max_budget[l]
+            layer: (self.min_budget[layer], self.max_budget[layer])
+            for layer in self.min_budget
+            if layer in self.max_budget and self.min_budget[layer] > self.max_budget[layer]
         }
         if clash:
             raise SolveError(f"--min-budget exceeds --max-budget on layer(s) {clash}; relax one of them")
@@ -68,9 +68,9 @@ class SolveOptions:
         """The constraints as recorded in a plan's provenance (JSON-ready, deterministic)."""
         return {
             "policies": sorted(self.policies) if self.policies is not None else None,
-            "pins": {str(l): p.describe() for l, p in sorted(self.pins.items())},
-            "min_budget": {str(l): b for l, b in sorted(self.min_budget.items())},
-            "max_budget": {str(l): b for l, b in sorted(self.max_budget.items())},
+            "pins": {str(layer): p.describe() for layer, p in sorted(self.pins.items())},
+            "min_budget": {str(layer): b for layer, b in sorted(self.min_budget.items())},
+            "max_budget": {str(layer): b for layer, b in sorted(self.max_budget.items())},
             "max_policies": self.max_policies,
             "full_cost": self.full_cost,
             "solver": self.solver,

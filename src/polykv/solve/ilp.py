@@ -44,7 +44,7 @@ def solve_ilp(
     time_limit: float | None = None,
 ) -> list[int]:
     """Optimal option index per layer; InfeasibleError when no choice fits (including the group limit)."""
-    if len(costs) != len(losses) or any(len(c) != len(f) for c, f in zip(costs, losses)):
+    if len(costs) != len(losses) or any(len(c) != len(f) for c, f in zip(costs, losses, strict=True)):
         raise SolveError("costs and losses must have the same shape per layer")
     if any(len(c) == 0 for c in costs):
         raise InfeasibleError(f"layer {next(i for i, c in enumerate(costs) if len(c) == 0)} has no option")
@@ -56,17 +56,17 @@ def solve_ilp(
     # dominated options (within a group when groups count) never help: solve on the rest, map indices back
     index = [
         _undominated(c, f, None if full_groups is None else gr)
-        for c, f, gr in zip(costs, losses, full_groups or [None] * len(costs))
+        for c, f, gr in zip(costs, losses, full_groups or [None] * len(costs), strict=True)
     ]
     picks = _solve(
-        [c[i] for c, i in zip(costs, index)],
-        [f[i] for f, i in zip(losses, index)],
+        [c[i] for c, i in zip(costs, index, strict=True)],
+        [f[i] for f, i in zip(losses, index, strict=True)],
         capacity,
-        None if full_groups is None else [gr[i] for gr, i in zip(full_groups, index)],
+        None if full_groups is None else [gr[i] for gr, i in zip(full_groups, index, strict=True)],
         max_groups,
         time_limit,
     )
-    return [int(i[k]) for i, k in zip(index, picks)]
+    return [int(i[k]) for i, k in zip(index, picks, strict=True)]
 
 
 def _solve(
@@ -138,10 +138,10 @@ def _solve(
         if seg.sum() != 1:
             raise SolveError(f"the ILP solution is not integral on layer {layer}; retry with --solver dp")
         picks.append(int(np.argmax(seg)))
-    if sum(int(c[k]) for c, k in zip(costs, picks)) > capacity:
+    if sum(int(c[k]) for c, k in zip(costs, picks, strict=True)) > capacity:
         raise SolveError("the ILP solution exceeds the budget after rounding; retry with --solver dp")
     if max_groups is not None:
-        used = {int(gr[k]) for gr, k in zip(groups, picks)} - {-1}
+        used = {int(gr[k]) for gr, k in zip(groups, picks, strict=True)} - {-1}
         if len(used) > max_groups:
             raise SolveError("the ILP solution uses too many policies after rounding; retry")
     return picks

@@ -54,7 +54,7 @@ def dp_state_size(costs: Sequence[np.ndarray], capacity: int) -> int:
 
 def solve_dp(costs: Sequence[np.ndarray], losses: Sequence[np.ndarray], capacity: int) -> list[int]:
     """Optimal option index per layer; InfeasibleError if even the cheapest options exceed `capacity`."""
-    if len(costs) != len(losses) or any(len(c) != len(f) for c, f in zip(costs, losses)):
+    if len(costs) != len(losses) or any(len(c) != len(f) for c, f in zip(costs, losses, strict=True)):
         raise SolveError("costs and losses must have the same shape per layer")
     if any(len(c) == 0 for c in costs):
         raise InfeasibleError(f"layer {next(i for i, c in enumerate(costs) if len(c) == 0)} has no option")
@@ -75,14 +75,14 @@ def solve_dp(costs: Sequence[np.ndarray], losses: Sequence[np.ndarray], capacity
     best[0] = 0.0
     choice_dtype = np.int16 if max(len(c) for c in costs) < 2**15 else np.int32
     choices = np.empty((len(costs), width), dtype=choice_dtype)
-    for layer, (u, f) in enumerate(zip(units, losses)):
+    for layer, (u, f) in enumerate(zip(units, losses, strict=True)):
         idx = pareto_indices(u, f)
         kept.append(idx)
         shift = u[idx] - u.min()
         new = np.full(width, np.inf)
         ch = choices[layer]
         ch.fill(-1)
-        for j, (d, loss) in enumerate(zip(shift, f[idx])):
+        for j, (d, loss) in enumerate(zip(shift, f[idx], strict=True)):
             if d >= width:
                 break
             cand = best[: width - d] + loss
@@ -128,14 +128,14 @@ def solve_dp_groups(
             continue
         try:
             picks = solve_dp(
-                [np.asarray(c)[a] for c, a in zip(costs, allowed)],
-                [np.asarray(f)[a] for f, a in zip(losses, allowed)],
+                [np.asarray(c)[a] for c, a in zip(costs, allowed, strict=True)],
+                [np.asarray(f)[a] for f, a in zip(losses, allowed, strict=True)],
                 capacity,
             )
         except InfeasibleError:
             continue
-        picks = [int(a[k]) for a, k in zip(allowed, picks)]
-        total = fsum(float(f[k]) for f, k in zip(losses, picks))
+        picks = [int(a[k]) for a, k in zip(allowed, picks, strict=True)]
+        total = fsum(float(f[k]) for f, k in zip(losses, picks, strict=True))
         if best is None or total < best[0]:
             best = (total, picks)
     if best is None:

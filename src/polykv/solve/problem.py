@@ -122,7 +122,7 @@ def infeasible_message(
 ) -> str:
     """Why even the cheapest allowed choice does not fit, and what to change."""
     cheapest = cands.min_cost()
-    pinned = [f"{l}:{p.describe()}" for l, p in sorted(options.pins.items())]
+    pinned = [f"{layer}:{p.describe()}" for layer, p in sorted(options.pins.items())]
     hints = ["raise the budget"]
     if any(p.policy == "full" for p in options.pins.values()):
         hints.append("lower --full-cost")

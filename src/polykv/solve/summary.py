@@ -45,7 +45,13 @@ class PlanSummary:
 
 def _loss_lookup(table: OptionTable) -> dict[tuple[int, str, int], float]:
     f = table.frame
-    return dict(zip(zip(f["layer"].tolist(), f["policy"].tolist(), f["budget"].tolist()), f["loss"].tolist()))
+    return dict(
+        zip(
+            zip(f["layer"].tolist(), f["policy"].tolist(), f["budget"].tolist(), strict=True),
+            f["loss"].tolist(),
+            strict=True,
+        )
+    )
 
 
 def best_uniform(table: OptionTable, capacity: int, policies: tuple[str, ...] | None = None) -> UniformOption | None:
@@ -55,10 +61,10 @@ def best_uniform(table: OptionTable, capacity: int, policies: tuple[str, ...] | 
     best: UniformOption | None = None
     for policy in policies or table.policies:
         for budget in table.grid:
-            eff = [cm.effective(l, budget) for l in range(cm.num_layers)]
-            if sum(cm.cost(l, b) for l, b in enumerate(eff)) > capacity:
+            eff = [cm.effective(layer, budget) for layer in range(cm.num_layers)]
+            if sum(cm.cost(layer, b) for layer, b in enumerate(eff)) > capacity:
                 break
-            losses = [lookup.get((l, policy, b)) for l, b in enumerate(eff)]
+            losses = [lookup.get((layer, policy, b)) for layer, b in enumerate(eff)]
             if any(x is None for x in losses):
                 continue
             total = fsum(losses)
