@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CAL_ARGS, write_samples
+from test_solve import make_fingerprint, synthetic_curves
 from typer.testing import CliRunner
 
-from conftest import CAL_ARGS, write_samples
 from polykv.answer_loss import Objective, prepare_samples
 from polykv.data import load_samples
 from polykv.errors import InputError
@@ -20,7 +21,6 @@ from polykv.solve.candidates import SOLVED, guard_candidates, with_floor
 from polykv.solve.constraints import Pin, SolveOptions
 from polykv.solve.runner import solve_plan
 from polykv_cli.main import app
-from test_solve import make_fingerprint, synthetic_curves
 
 runner = CliRunner()
 
@@ -33,6 +33,7 @@ def table():
 
 # --- candidates ------------------------------------------------------------------------------------------------------
 
+
 def test_candidates_are_the_plan_its_floor_blends_and_every_uniform_policy(table):
     solved = solve_plan(table, 64)
     cands = guard_candidates(table, 64, solved, floors=(0.25, 0.5))
@@ -40,7 +41,7 @@ def test_candidates_are_the_plan_its_floor_blends_and_every_uniform_policy(table
     assert cands[SOLVED] is solved
     for name, floor in (("floor:0.25", 16), ("floor:0.5", 32)):
         plan = cands[name]
-        assert min(l.budget for l in plan.layers) >= floor
+        assert min(ly.budget for ly in plan.layers) >= floor
         assert plan.used_budget <= plan.total_budget == solved.total_budget
         assert plan.predicted_loss >= solved.predicted_loss - 1e-12  # a constrained optimum is never better
     for policy in ("h2o", "snapkv", "streaming"):
@@ -61,6 +62,7 @@ def test_with_floor_keeps_higher_minimums_and_respects_maximums():
 
 
 # --- the choice ------------------------------------------------------------------------------------------------------
+
 
 def test_judge_keeps_the_least_loss_and_counts_wins():
     per = np.array([[0.5, 0.2, 0.4], [0.5, 0.9, 0.3], [0.2, 0.1, 0.35]])  # samples x candidates
@@ -98,18 +100,22 @@ def test_guard_all_measures_every_budget_in_one_call_and_splits_it(table):
     def measure(plans):
         calls.append(len(plans))
         # loss = the plan's mean budget: the cheapest candidate wins at each budget
-        return np.array([[np.mean([l.budget for l in p.layers]) for p in plans]])
+        return np.array([[np.mean([ly.budget for ly in p.layers]) for p in plans]])
 
     out = guard_all(frontier, measure)
     assert calls == [sum(len(distinct(c)) for c in frontier)]
-    for (plan, verdict), cands in zip(out, frontier):
-        expected = min(distinct(cands), key=lambda n: np.mean([l.budget for l in cands[n].layers]))
+    for (plan, verdict), cands in zip(out, frontier, strict=False):
+        expected = min(distinct(cands), key=lambda n: np.mean([ly.budget for ly in cands[n].layers]))
         assert verdict.chosen == expected and plan.average_budget == cands[SOLVED].average_budget
 
 
 def test_repeated_candidates_are_measured_once_and_share_the_loss(table):
     solved = solve_plan(table, 32)
-    cands = {SOLVED: solved, "floor:0.1": solved, "uniform:snapkv": guard_candidates(table, 32, solved)["uniform:snapkv"]}
+    cands = {
+        SOLVED: solved,
+        "floor:0.1": solved,
+        "uniform:snapkv": guard_candidates(table, 32, solved)["uniform:snapkv"],
+    }
     seen = []
     plan, v = guard(cands, lambda plans: seen.append(len(plans)) or np.array([[0.3, 0.2]]))
     assert seen == [2] and v.losses["floor:0.1"] == v.losses[SOLVED] == pytest.approx(0.3)
@@ -131,7 +137,8 @@ def test_held_out_skips_calibrated_samples_and_needs_one(tmp_path):
         held_out(items, [], 0, str(path))
 
 
-# --- on a real model, through the CLI ----------------------------------------------------------------------------------
+# --- on a real model, through the CLI ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_hf_dir, tmp_path_factory):
@@ -139,8 +146,10 @@ def calibrated(tiny_hf_dir, tmp_path_factory):
     data = root / "data.jsonl"
     write_samples(data, n=5, seed=3)
     cal = root / "cal"
-    result = runner.invoke(app, ["calibrate", "--model", str(tiny_hf_dir), "--data", str(data), "--samples", "2",
-                                 "--out", str(cal), *CAL_ARGS])
+    result = runner.invoke(
+        app,
+        ["calibrate", "--model", str(tiny_hf_dir), "--data", str(data), "--samples", "2", "--out", str(cal), *CAL_ARGS],
+    )
     assert result.exit_code == 0, result.output
     return root, data, cal
 
@@ -148,8 +157,9 @@ def calibrated(tiny_hf_dir, tmp_path_factory):
 def test_solve_guards_by_default_and_records_what_it_measured(tiny_hf_dir, calibrated):
     root, data, cal = calibrated
     out = root / "plans"
-    result = runner.invoke(app, ["solve", "-c", str(cal), "--budgets", "8,16", "--out", str(out),
-                                 "--guard-data", str(data)])
+    result = runner.invoke(
+        app, ["solve", "-c", str(cal), "--budgets", "8,16", "--out", str(out), "--guard-data", str(data)]
+    )
     assert result.exit_code == 0, result.output
     assert "guard" in result.stdout and "3 held-out samples" in result.stderr
     # the losses recorded are the whole-model answer KL of each plan on the 3 samples calibration did not use
@@ -171,11 +181,12 @@ def test_solve_guards_by_default_and_records_what_it_measured(tiny_hf_dir, calib
 def test_guard_with_no_held_out_sample_is_one_clear_line_and_writes_nothing(calibrated, tmp_path):
     _, data, cal = calibrated
     used = tmp_path / "used.jsonl"
-    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
     ids = set(json.loads((cal / "metadata.json").read_text())["sample_ids"])
     used.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] in ids))
-    result = runner.invoke(app, ["solve", "-c", str(cal), "--budget", "8", "--out", str(tmp_path / "p.json"),
-                                 "--guard-data", str(used)])
+    result = runner.invoke(
+        app, ["solve", "-c", str(cal), "--budget", "8", "--out", str(tmp_path / "p.json"), "--guard-data", str(used)]
+    )
     assert result.exit_code == 2
     assert "none is left to judge plans on" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "p.json").exists()
@@ -193,7 +204,21 @@ def test_guard_refuses_another_model(calibrated, tmp_path):
 
     other = save_tiny_hf(tmp_path / "other", layers=2)
     _, data, cal = calibrated
-    result = runner.invoke(app, ["solve", "-c", str(cal), "--budget", "8", "--out", str(tmp_path / "p.json"),
-                                 "--guard-data", str(data), "--guard-model", str(other)])
+    result = runner.invoke(
+        app,
+        [
+            "solve",
+            "-c",
+            str(cal),
+            "--budget",
+            "8",
+            "--out",
+            str(tmp_path / "p.json"),
+            "--guard-data",
+            str(data),
+            "--guard-model",
+            str(other),
+        ],
+    )
     assert result.exit_code == 2 and "is not the calibrated one" in result.stderr
     assert not (tmp_path / "p.json").exists()

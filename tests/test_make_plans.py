@@ -24,7 +24,7 @@ def _solves(recipe: dict) -> dict[str, dict[int, dict]]:
     for cmd in plans_build.commands(recipe):
         if cmd[1] != "solve":
             continue
-        opts = dict(zip(cmd[2::2], cmd[3::2]))
+        opts = dict(zip(cmd[2::2], cmd[3::2], strict=False))
         for b in opts["--budgets"].split(","):
             written.setdefault(opts["--out"], {})[int(b)] = Aggregation.parse(opts["--aggregate"]).describe()
     return written
@@ -35,8 +35,13 @@ def test_commands_group_budgets_by_aggregate_after_calibrating():
     cmds = plans_build.commands(recipe, "polykv")
     assert cmds[0] == ["polykv", "calibrate", "--model", "m-a", "--samples", "4", "--out", "runs/m-a/calibration"]
     assert [c[1] for c in cmds] == ["calibrate", "solve", "solve"]
-    assert _solves(recipe) == {"plans/m-a": {64: {"statistic": "quantile", "q": 0.9}, 128: {"statistic": "mean"},
-                                             256: {"statistic": "quantile", "q": 0.9}}}
+    assert _solves(recipe) == {
+        "plans/m-a": {
+            64: {"statistic": "quantile", "q": 0.9},
+            128: {"statistic": "mean"},
+            256: {"statistic": "quantile", "q": 0.9},
+        }
+    }
     assert all("--no-guard" not in c for c in cmds)  # the checked-in plans are guarded
 
 
@@ -59,6 +64,7 @@ def test_checked_in_plans_match_the_recipe():
 
 
 def test_make_plans_runs_the_recipe():
-    text = subprocess.run(["make", "-n", "--no-print-directory", "plans"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout
+    text = subprocess.run(
+        ["make", "-n", "--no-print-directory", "plans"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     assert "plans/build.py" in text

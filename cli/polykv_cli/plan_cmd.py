@@ -12,8 +12,15 @@ from rich.text import Text
 from polykv_cli.common import err, one_line_errors, out
 
 POLICY_COLORS = {
-    "full": "white", "streaming": "cyan", "snapkv": "green", "h2o": "magenta", "tova": "yellow", "knorm": "blue",
-    "random": "red", "expected_attention": "bright_green", "snapkv_forward": "green4",
+    "full": "white",
+    "streaming": "cyan",
+    "snapkv": "green",
+    "h2o": "magenta",
+    "tova": "yellow",
+    "knorm": "blue",
+    "random": "red",
+    "expected_attention": "bright_green",
+    "snapkv_forward": "green4",
 }
 SPARE_COLORS = ("bright_cyan", "bright_magenta", "bright_yellow", "bright_blue", "bright_red", "orange3")
 
@@ -33,8 +40,10 @@ def guard_line(g: dict) -> str:
     """What the guard of `polykv solve` measured: answer KL of the solved plan, the best uniform policy, and what
     was written."""
     best = g.get("best_uniform")
-    text = (f"guard ({g.get('samples')} held-out samples, answer KL with all layers compressed): solved "
-            f"{_loss(g.get('solved_loss'))}")
+    text = (
+        f"guard ({g.get('samples')} held-out samples, answer KL with all layers compressed): solved "
+        f"{_loss(g.get('solved_loss'))}"
+    )
     if best:
         text += f", best uniform {best.removeprefix('uniform:')} {_loss(g.get('best_uniform_loss'))}"
     return text + f"; written: {g.get('chosen')} {_loss(g.get('chosen_loss'))}"
@@ -58,9 +67,12 @@ def register(app: typer.Typer) -> None:
                 failed += 1
                 err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 continue
-            out.print(f"[green]ok[/] {path}: {plan.model} ({plan.fingerprint_hash}), {len(plan.layers)} layers, "
-                      f"average {plan.average_budget:g}, {plan.used_budget}/{plan.total_budget} {plan.budget_unit}",
-                      highlight=False, soft_wrap=True)
+            out.print(
+                f"[green]ok[/] {path}: {plan.model} ({plan.fingerprint_hash}), {len(plan.layers)} layers, "
+                f"average {plan.average_budget:g}, {plan.used_budget}/{plan.total_budget} {plan.budget_unit}",
+                highlight=False,
+                soft_wrap=True,
+            )
         if failed:
             raise typer.Exit(2)
 
@@ -76,36 +88,59 @@ def register(app: typer.Typer) -> None:
         plan = Plan.load(path)
         prov = plan.provenance
         fp_text = describe_fingerprint(plan.fingerprint)
-        out.print(f"[bold]{plan.model}[/] · fingerprint {plan.fingerprint_hash} ({fp_text})",
-                  highlight=False, soft_wrap=True)
-        out.print(f"average budget {plan.average_budget:g} tokens · used {plan.used_budget}/{plan.total_budget} "
-                  f"{plan.budget_unit} · predicted loss {_loss(plan.predicted_loss)} · solver {prov.get('solver')} · "
-                  f"polykv {prov.get('polykv_version')}", highlight=False, soft_wrap=True)
+        out.print(
+            f"[bold]{plan.model}[/] · fingerprint {plan.fingerprint_hash} ({fp_text})", highlight=False, soft_wrap=True
+        )
+        out.print(
+            f"average budget {plan.average_budget:g} tokens · used {plan.used_budget}/{plan.total_budget} "
+            f"{plan.budget_unit} · predicted loss {_loss(plan.predicted_loss)} · solver {prov.get('solver')} · "
+            f"polykv {prov.get('polykv_version')}",
+            highlight=False,
+            soft_wrap=True,
+        )
         if "refine" in prov:
             measured = prov["refine"].get("measured_loss") or []
             held = prov["refine"].get("held_out") or {}
             rounds = prov["refine"].get("rounds")
             if measured:
-                text = (f"refined (polykv refine): measured KL {measured[0]:.4g} -> {measured[-1]:.4g} in "
-                        f"{rounds} rounds on {prov['refine'].get('samples')} samples")
+                text = (
+                    f"refined (polykv refine): measured KL {measured[0]:.4g} -> {measured[-1]:.4g} in "
+                    f"{rounds} rounds on {prov['refine'].get('samples')} samples"
+                )
                 if held.get("loss"):
-                    text += (f"; held-out KL {held['loss'][0]:.4g} -> {held['loss'][-1]:.4g} on "
-                             f"{held.get('samples')} samples ({len(held.get('rejected') or [])} finalists turned down)")
+                    text += (
+                        f"; held-out KL {held['loss'][0]:.4g} -> {held['loss'][-1]:.4g} on "
+                        f"{held.get('samples')} samples ({len(held.get('rejected') or [])} finalists turned down)"
+                    )
                 out.print(text, highlight=False, soft_wrap=True)
         if "guard" in prov:
             out.print(guard_line(prov["guard"]), highlight=False, soft_wrap=True)
         top = max(lp.budget for lp in plan.layers)
         types = plan.fingerprint["layer_types"]
         table = Table(show_edge=False, pad_edge=False)
-        for col, justify in (("layer", "right"), ("type", "left"), ("policy", "left"), ("budget", "right"),
-                             ("", "left"), ("pred. loss", "right"), ("params", "left")):
+        for col, justify in (
+            ("layer", "right"),
+            ("type", "left"),
+            ("policy", "left"),
+            ("budget", "right"),
+            ("", "left"),
+            ("pred. loss", "right"),
+            ("params", "left"),
+        ):
             table.add_column(col, justify=justify)
         for lp in plan.layers:
             color = policy_color(lp.policy)
             bar = Text("█" * max(1, round(width * lp.budget / top)), style=color)
             params = ", ".join(f"{k}={v}" for k, v in sorted(lp.params.items()))
-            table.add_row(str(lp.layer), types[lp.layer].replace("_attention", ""), Text(lp.policy, style=color),
-                          str(lp.budget), bar, _loss(lp.predicted_loss), params)
+            table.add_row(
+                str(lp.layer),
+                types[lp.layer].replace("_attention", ""),
+                Text(lp.policy, style=color),
+                str(lp.budget),
+                bar,
+                _loss(lp.predicted_loss),
+                params,
+            )
         out.print(table)
 
     @plan_app.command("diff")
@@ -120,16 +155,23 @@ def register(app: typer.Typer) -> None:
         pa, pb = Plan.load(a), Plan.load(b)
         same = True
         if pa.fingerprint_hash != pb.fingerprint_hash:
-            out.print(f"[yellow]different models:[/] {pa.model} ({pa.fingerprint_hash}) vs {pb.model} "
-                      f"({pb.fingerprint_hash})", highlight=False, soft_wrap=True)
+            out.print(
+                f"[yellow]different models:[/] {pa.model} ({pa.fingerprint_hash}) vs {pb.model} "
+                f"({pb.fingerprint_hash})",
+                highlight=False,
+                soft_wrap=True,
+            )
             same = False
         summary = Table(show_edge=False, pad_edge=False)
         for col in ("", str(a), str(b)):
             summary.add_column(col)
         rows = [
             ("average budget", f"{pa.average_budget:g}", f"{pb.average_budget:g}"),
-            ("used/total", f"{pa.used_budget}/{pa.total_budget} {pa.budget_unit}",
-             f"{pb.used_budget}/{pb.total_budget} {pb.budget_unit}"),
+            (
+                "used/total",
+                f"{pa.used_budget}/{pa.total_budget} {pa.budget_unit}",
+                f"{pb.used_budget}/{pb.total_budget} {pb.budget_unit}",
+            ),
             ("predicted loss", _loss(pa.predicted_loss), _loss(pb.predicted_loss)),
             ("solver", str(pa.provenance.get("solver")), str(pb.provenance.get("solver"))),
         ]
@@ -139,14 +181,21 @@ def register(app: typer.Typer) -> None:
         layers = Table(title="layers that differ", title_justify="left", show_edge=False, pad_edge=False)
         for col in ("layer", "a", "b", "Δ budget", "Δ loss"):
             layers.add_column(col, justify="right" if col in ("layer", "Δ budget", "Δ loss") else "left")
-        for la, lb in zip(pa.layers, pb.layers):
+        for la, lb in zip(pa.layers, pb.layers, strict=False):
             if (la.policy, la.budget, la.params) == (lb.policy, lb.budget, lb.params):
                 continue
-            delta = ("-" if la.predicted_loss is None or lb.predicted_loss is None
-                     else f"{lb.predicted_loss - la.predicted_loss:+.4g}")
-            layers.add_row(str(la.layer), Text(f"{la.policy}@{la.budget}", style=policy_color(la.policy)),
-                           Text(f"{lb.policy}@{lb.budget}", style=policy_color(lb.policy)),
-                           f"{lb.budget - la.budget:+d}", delta)
+            delta = (
+                "-"
+                if la.predicted_loss is None or lb.predicted_loss is None
+                else f"{lb.predicted_loss - la.predicted_loss:+.4g}"
+            )
+            layers.add_row(
+                str(la.layer),
+                Text(f"{la.policy}@{la.budget}", style=policy_color(la.policy)),
+                Text(f"{lb.policy}@{lb.budget}", style=policy_color(lb.policy)),
+                f"{lb.budget - la.budget:+d}",
+                delta,
+            )
         if len(pa.layers) != len(pb.layers):
             out.print(f"[yellow]layer counts differ:[/] {len(pa.layers)} vs {len(pb.layers)}")
             same = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich import box
@@ -43,16 +42,24 @@ def _describe(agg) -> str:
 def guard_table(plans, verdicts) -> Table:
     """One row per budget: the guard's measured answer KL of the solved plan and the best uniform policy, and what
     was written."""
-    grid = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="guard: answer KL on held-out samples, all layers "
-                 "compressed", title_justify="left")
+    grid = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title="guard: answer KL on held-out samples, all layers compressed",
+        title_justify="left",
+    )
     for col in ("avg", "solved", "best uniform", "written", "KL", "wins"):
         grid.add_column(col, justify="left" if col in ("best uniform", "written") else "right", no_wrap=True)
-    for plan, v in zip(plans, verdicts):
+    for plan, v in zip(plans, verdicts, strict=False):
         best = v.best_uniform
-        grid.add_row(f"{plan.average_budget:g}", _fmt_loss(v.losses.get("solved")),
-                     "-" if best is None else f"{best.removeprefix('uniform:')} {_fmt_loss(v.losses[best])}",
-                     v.chosen, _fmt_loss(v.losses[v.chosen]),
-                     "-" if best is None or v.chosen == best else f"{v.wins.get(v.chosen, 0)}/{v.samples}")
+        grid.add_row(
+            f"{plan.average_budget:g}",
+            _fmt_loss(v.losses.get("solved")),
+            "-" if best is None else f"{best.removeprefix('uniform:')} {_fmt_loss(v.losses[best])}",
+            v.chosen,
+            _fmt_loss(v.losses[v.chosen]),
+            "-" if best is None or v.chosen == best else f"{v.wins.get(v.chosen, 0)}/{v.samples}",
+        )
     return grid
 
 
@@ -61,45 +68,61 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def solve(
         calibration: Path = typer.Option(..., "--calibration", "-c", help="Directory written by polykv calibrate."),
-        budget: Optional[int] = typer.Option(None, "--budget", "-b", help="Average tokens per layer."),
-        budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma list, one plan each: 64,128,256."),
-        out_path: Optional[Path] = typer.Option(
-            None, "--out", "-o",
+        budget: int | None = typer.Option(None, "--budget", "-b", help="Average tokens per layer."),
+        budgets: str | None = typer.Option(None, "--budgets", help="Comma list, one plan each: 64,128,256."),
+        out_path: Path | None = typer.Option(
+            None,
+            "--out",
+            "-o",
             help="Plan file (one budget) or directory (avg<budget>.json each); default plans/<model>/.",
         ),
-        metric: Optional[str] = typer.Option(None, "--metric", help="Loss metric (default: the first the calibration "
-                                             "has of e2e_kl, proxy_anchored, proxy_scaled, e2e_dnll, proxy_err)."),
+        metric: str | None = typer.Option(
+            None,
+            "--metric",
+            help="Loss metric (default: the first the calibration "
+            "has of e2e_kl, proxy_anchored, proxy_scaled, e2e_dnll, proxy_err).",
+        ),
         aggregate: str = typer.Option("mean", "--aggregate", help="Over samples: mean | max | quantile:Q."),
-        category_weights: Optional[str] = typer.Option(None, "--category-weights", help="e.g. qa=2,code=1."),
-        policies: Optional[str] = typer.Option(None, "--policies", help="Comma list the solver may use."),
+        category_weights: str | None = typer.Option(None, "--category-weights", help="e.g. qa=2,code=1."),
+        policies: str | None = typer.Option(None, "--policies", help="Comma list the solver may use."),
         pin: list[str] = typer.Option([], "--pin", help="LAYER:POLICY[:BUDGET] (LAYER or A-B), e.g. 0:full."),
         min_budget: list[str] = typer.Option([], "--min-budget", help="[LAYER:]N, e.g. 32 or 0-3:64."),
         max_budget: list[str] = typer.Option([], "--max-budget", help="[LAYER:]N, e.g. 512 or 5:128."),
-        max_policies: Optional[int] = typer.Option(None, "--max-policies", help="At most K distinct policies."),
-        full_cost: Optional[int] = typer.Option(None, "--full-cost", help="Tokens a full pin costs (default: grid max)."),
+        max_policies: int | None = typer.Option(None, "--max-policies", help="At most K distinct policies."),
+        full_cost: int | None = typer.Option(None, "--full-cost", help="Tokens a full pin costs (default: grid max)."),
         allow_missing: bool = typer.Option(False, "--allow-missing", help="Aggregate incomplete calibrations."),
         solver: str = typer.Option("auto", "--solver", help="auto | dp | ilp."),
         cross_check: bool = typer.Option(False, "--cross-check", help="Solve with DP and ILP and compare."),
-        uniform: Optional[str] = typer.Option(None, "--uniform", help="Write the uniform plan of POLICY instead."),
-        allocation: Optional[str] = typer.Option(
-            None, "--allocation", help="Named allocation instead of solving: pyramid[:POLICY] (default snapkv)."),
+        uniform: str | None = typer.Option(None, "--uniform", help="Write the uniform plan of POLICY instead."),
+        allocation: str | None = typer.Option(
+            None, "--allocation", help="Named allocation instead of solving: pyramid[:POLICY] (default snapkv)."
+        ),
         pyramid_beta: float = typer.Option(20.0, "--pyramid-beta", help="Pyramid top layer gets B/beta."),
-        guard: bool = typer.Option(True, "--guard/--no-guard",
-                                   help="Measure each plan against its blends and every uniform policy on held-out "
-                                        "samples (loads the model) and write the best."),
-        guard_data: Optional[Path] = typer.Option(
-            None, "--guard-data", help="JSONL the guard judges on, minus the calibrated samples (default: the "
-                                       "shipped held-out set)."),
+        guard: bool = typer.Option(
+            True,
+            "--guard/--no-guard",
+            help="Measure each plan against its blends and every uniform policy on held-out "
+            "samples (loads the model) and write the best.",
+        ),
+        guard_data: Path | None = typer.Option(
+            None,
+            "--guard-data",
+            help="JSONL the guard judges on, minus the calibrated samples (default: the shipped held-out set).",
+        ),
         guard_samples: int = typer.Option(8, "--guard-samples", help="Held-out samples the guard judges on."),
-        guard_margin: float = typer.Option(1.0, "--guard-margin", help="Standard errors by which another candidate "
-                                           "must beat the solved plan to replace it."),
-        guard_model: Optional[str] = typer.Option(None, "--guard-model",
-                                                  help="Model to load (default: the calibration's)."),
+        guard_margin: float = typer.Option(
+            1.0,
+            "--guard-margin",
+            help="Standard errors by which another candidate must beat the solved plan to replace it.",
+        ),
+        guard_model: str | None = typer.Option(
+            None, "--guard-model", help="Model to load (default: the calibration's)."
+        ),
     ) -> None:
         """Choose each layer's (policy, budget) to minimise predicted loss under the total KV budget."""
-        from polykv.solve.constraints import SolveOptions, parse_budgets, parse_layer_values, parse_pins, parse_weights
         from polykv.guard import GuardSettings, guard_plans
         from polykv.io import check_writable
+        from polykv.solve.constraints import SolveOptions, parse_budgets, parse_layer_values, parse_pins, parse_weights
         from polykv.solve.inputs import read_metadata
         from polykv.solve.runner import SolveRequest, load_table, plan_paths, plans_for, write_plans
         from polykv.solve.summary import summarize
@@ -108,8 +131,17 @@ def register(app: typer.Typer) -> None:
             fail("pass exactly one of --budget N or --budgets LIST")
         wanted = (budget,) if budget is not None else parse_budgets(budgets or "")
         kind, policy = _allocation(uniform, allocation)
-        request = SolveRequest(calibration, wanted, metric, aggregate, parse_weights(category_weights), allow_missing,
-                               kind, policy, pyramid_beta)
+        request = SolveRequest(
+            calibration,
+            wanted,
+            metric,
+            aggregate,
+            parse_weights(category_weights),
+            allow_missing,
+            kind,
+            policy,
+            pyramid_beta,
+        )
         table, provenance = load_table(request)
         n = table.num_layers
         options = SolveOptions(
@@ -131,18 +163,34 @@ def register(app: typer.Typer) -> None:
             if guard_margin < 0:
                 fail(f"--guard-margin must be >= 0, got {guard_margin}")
             settings = GuardSettings(guard_data, guard_samples, guard_margin, guard_model)
-            guarded = guard_plans(table, plans, options, provenance, read_metadata(calibration), settings,
-                                  log=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
+            guarded = guard_plans(
+                table,
+                plans,
+                options,
+                provenance,
+                read_metadata(calibration),
+                settings,
+                log=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True),
+            )
             plans, verdicts = [p for p, _ in guarded], [v for _, v in guarded]
         write_plans(plans, paths)
 
-        out.print(f"[bold]{table.model}[/] ({plans[0].fingerprint_hash}) · metric {table.metric} · "
-                  f"{_describe(table.aggregation)} · unit {plans[0].budget_unit}", highlight=False, soft_wrap=True)
+        out.print(
+            f"[bold]{table.model}[/] ({plans[0].fingerprint_hash}) · metric {table.metric} · "
+            f"{_describe(table.aggregation)} · unit {plans[0].budget_unit}",
+            highlight=False,
+            soft_wrap=True,
+        )
         grid = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("avg", "pred. loss", "best uniform", "Δ", "min/med/max", "fill", "policies"):
             wide = col in ("best uniform", "policies")
-            grid.add_column(col, justify="left" if wide else "right", no_wrap=not wide,
-                            min_width=14 if col == "policies" else None, overflow="fold")
+            grid.add_column(
+                col,
+                justify="left" if wide else "right",
+                no_wrap=not wide,
+                min_width=14 if col == "policies" else None,
+                overflow="fold",
+            )
         for plan in plans:
             s = summarize(plan, table)
             u = s.best_uniform

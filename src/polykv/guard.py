@@ -17,17 +17,17 @@ plans, so `polykv.solve` builds the candidates and this module judges them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from polykv.errors import InputError
 from polykv.plan import Plan
+from polykv.solve.aggregate import OptionTable
 from polykv.solve.candidates import SOLVED, guard_candidates
 from polykv.solve.constraints import SolveOptions
-from polykv.solve.aggregate import OptionTable
 
 #: Another candidate replaces the solved plan only if its loss is lower by more than this many standard errors of
 #: the paired per-sample difference: a prior choice (about a one-sided 84 % level), not tuned on any result.
@@ -96,8 +96,9 @@ def clearly_below(per_sample: np.ndarray, i: int, ref: int, margin: float) -> bo
     return float(d.mean()) < -margin * se and float(d.mean()) < 0
 
 
-def judge(per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = None,
-          margin: float = MARGIN) -> Verdict:
+def judge(
+    per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = None, margin: float = MARGIN
+) -> Verdict:
     """The candidate to write: the first one (the solved plan) unless others are clearly better (`clearly_below`
     with `margin`), then the one of those with the least mean loss (ties go to the earlier name).
 
@@ -106,7 +107,7 @@ def judge(per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = 
     if per_sample.ndim != 2 or per_sample.shape[1] != len(names) or per_sample.shape[0] == 0:
         raise ValueError(f"per_sample must be (samples >= 1, {len(names)}), got {per_sample.shape}")
     means = per_sample.mean(0)
-    losses = {name: float(m) for name, m in zip(names, means)}
+    losses = {name: float(m) for name, m in zip(names, means, strict=False)}
     better = [i for i in range(1, len(names)) if clearly_below(per_sample, i, 0, margin)]
     chosen = names[min(better, key=lambda i: (means[i], i))] if better else names[0]
     uniform = [i for i, n in enumerate(names) if n.startswith("uniform:")]
@@ -117,8 +118,9 @@ def judge(per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = 
     return Verdict(losses, wins, chosen, int(per_sample.shape[0]), data_hash, margin)
 
 
-def guard(candidates: Mapping[str, Plan], measure: Measure, data_hash: str | None = None, margin: float = MARGIN
-          ) -> tuple[Plan, Verdict]:
+def guard(
+    candidates: Mapping[str, Plan], measure: Measure, data_hash: str | None = None, margin: float = MARGIN
+) -> tuple[Plan, Verdict]:
     """Measure each distinct candidate once, keep the best one, and record the verdict in its provenance.
 
     A candidate equal to an earlier one (layer by layer) shares its measured losses, so a solved plan that is
@@ -134,14 +136,15 @@ def guard(candidates: Mapping[str, Plan], measure: Measure, data_hash: str | Non
     return replace(chosen, provenance={**chosen.provenance, "guard": verdict.provenance()}), verdict
 
 
-def guard_all(frontier: Sequence[Mapping[str, Plan]], measure: Measure, data_hash: str | None = None,
-              margin: float = MARGIN) -> list[tuple[Plan, Verdict]]:
+def guard_all(
+    frontier: Sequence[Mapping[str, Plan]], measure: Measure, data_hash: str | None = None, margin: float = MARGIN
+) -> list[tuple[Plan, Verdict]]:
     """`guard` for several budgets with one measurement call (one batch of rows per sample for all of them)."""
     pools = [distinct(c) for c in frontier]
     flat = [plan for pool in pools for plan in pool.values()]
     per_sample = np.asarray(measure(flat), dtype=np.float64)
     out, start = [], 0
-    for candidates, pool in zip(frontier, pools):
+    for candidates, pool in zip(frontier, pools, strict=False):
         width = len(pool)
         block = per_sample[:, start : start + width]
         start += width
@@ -161,8 +164,10 @@ def held_out(items: Sequence, used_ids: Sequence[str], n: int, source: str) -> l
     used = set(used_ids)
     left = [item for item in round_robin(list(items)) if item.id not in used]
     if not left:
-        raise InputError(f"every sample of {source} was used to calibrate, none is left to judge plans on; pass "
-                         "--guard-data with other samples, calibrate on fewer (--samples), or pass --no-guard")
+        raise InputError(
+            f"every sample of {source} was used to calibrate, none is left to judge plans on; pass "
+            "--guard-data with other samples, calibrate on fewer (--samples), or pass --no-guard"
+        )
     return left[:n]
 
 
@@ -182,8 +187,9 @@ def default_data_path() -> Path:
     return calibration_path().with_name("holdout.jsonl")
 
 
-def model_measure(loaded, items: Sequence, max_context: int | None, on_sample: Callable[[int], None] | None = None
-                  ) -> Measure:
+def model_measure(
+    loaded, items: Sequence, max_context: int | None, on_sample: Callable[[int], None] | None = None
+) -> Measure:
     """Prefill each item once and return the measurement the guard needs: plans -> (samples, plans) answer KL."""
     from polykv.answer_loss import Objective, prepare_samples
 
@@ -203,9 +209,15 @@ class GuardSettings:
     dtype: str | None = None
 
 
-def guard_plans(table: OptionTable, plans: Sequence[Plan], options: SolveOptions, calibration: Mapping | None,
-                metadata: Mapping, settings: GuardSettings, log: Callable[[str], None] = lambda _m: None
-                ) -> list[tuple[Plan, Verdict]]:
+def guard_plans(
+    table: OptionTable,
+    plans: Sequence[Plan],
+    options: SolveOptions,
+    calibration: Mapping | None,
+    metadata: Mapping,
+    settings: GuardSettings,
+    log: Callable[[str], None] = lambda _m: None,
+) -> list[tuple[Plan, Verdict]]:
     """Judge each solved plan against its floor blends and every uniform policy; the kept plan and the verdict.
 
     `metadata` is the calibration's metadata.json (model, fingerprint, samples used, max context)."""
@@ -215,14 +227,18 @@ def guard_plans(table: OptionTable, plans: Sequence[Plan], options: SolveOptions
     used = list(metadata.get("sample_ids", []))
     path = settings.data or default_data_path()
     if settings.data is None and not on_shipped_set(used):
-        raise InputError("the calibration was not made on the shipped set, so the shipped held-out samples do not "
-                         "speak for its workload; pass --guard-data with samples of that workload (the --data file "
-                         "works: the samples calibration used are skipped), or --no-guard")
+        raise InputError(
+            "the calibration was not made on the shipped set, so the shipped held-out samples do not "
+            "speak for its workload; pass --guard-data with samples of that workload (the --data file "
+            "works: the samples calibration used are skipped), or --no-guard"
+        )
     items = held_out(load_samples(path), used, settings.samples, str(path))
     loaded = load_model(settings.model or metadata["model"], device=settings.device, dtype=settings.dtype)
     if loaded.fingerprint != table.fingerprint:
-        raise InputError(f"the guard's model {loaded.name} is not the calibrated one ({table.model}); pass "
-                         "--guard-model with the calibrated model, or --no-guard")
+        raise InputError(
+            f"the guard's model {loaded.name} is not the calibrated one ({table.model}); pass "
+            "--guard-model with the calibrated model, or --no-guard"
+        )
     log(f"guard: {len(items)} held-out samples from {path}")
     max_context = (metadata.get("settings") or {}).get("max_context")
     measure = model_measure(loaded, items, max_context)

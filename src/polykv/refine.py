@@ -13,18 +13,19 @@ measured changes as losses, assumed additive only within one round), measures th
 single move, and keeps the better if it lowers the measured loss. Candidates are rows of one shared-prefix batch
 (`polykv.shared_prefix`), so a round costs a few batched answer forwards per sample, not a prefill.
 
-Each round picks the best of hundreds of noisily measured moves, so the search overfits its samples (docs/experiments.md,
-8 rounds on 12 samples lowered the measured loss and lost a task). Two guards: moves are ranked by their
-mean change plus a multiple of its standard error over the samples (a move must help consistently, not on one
-sample), and with held-out samples a round's finalist is accepted only if it also lowers their loss; the search
-stops at the first round where no finalist passes, so the returned plan is the one with the lowest held-out loss.
+Each round picks the best of hundreds of noisily measured moves, so the search overfits its samples
+(docs/experiments.md, Refinement: 8 rounds on 12 samples lowered the measured loss and lost a task). Two guards:
+moves are ranked by their mean change plus a multiple of its standard error over the samples (a move must help
+consistently, not on one sample), and with held-out samples a round's finalist is accepted only if it also lowers
+their loss; the search stops at the first round where no finalist passes, so the returned plan is the one with the
+lowest held-out loss.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 from torch import nn
@@ -87,33 +88,37 @@ def refine_plan(
     capacity = plan.total_budget
     objective = Objective(model, samples, max_rows)
     check = Objective(model, held_out, max_rows) if held_out else None
-    current: list[Choice] = [(l.policy, l.budget) for l in plan.layers]
+    current: list[Choice] = [(li.policy, li.budget) for li in plan.layers]
     current_ps = objective.per_sample([current])[:, 0]
     loss = float(current_ps.mean())
     result = RefineResult(plan, [loss])
     if check:
         result.held_out.append(float(check([current])[0]))
     say = log or (lambda _msg: None)
-    say(f"avg {plan.average_budget:g}: measured loss {loss:.4f}"
-        + (f", held-out {result.held_out[0]:.4f}" if check else ""))
+    say(
+        f"avg {plan.average_budget:g}: measured loss {loss:.4f}"
+        + (f", held-out {result.held_out[0]:.4f}" if check else "")
+    )
     for round_ in range(rounds):
-        moves = [(l, c) for l, choice in enumerate(current) for c in neighbours(choice, grid, policies)]
-        trial = [current[:l] + [c] + current[l + 1 :] for l, c in moves]
+        moves = [(li, c) for li, choice in enumerate(current) for c in neighbours(choice, grid, policies)]
+        trial = [current[:li] + [c] + current[li + 1 :] for li, c in moves]
         trial_ps = objective.per_sample(trial)
         change = trial_ps - current_ps[:, None]
         spread = change.std(0, ddof=1) / np.sqrt(len(samples)) if len(samples) > 1 else np.zeros(len(moves))
         score = change.mean(0) + caution * spread
-        costs = [[cm.cost(l, current[l][1])] for l in range(len(current))]
+        costs = [[cm.cost(li, current[li][1])] for li in range(len(current))]
         gains = [[0.0] for _ in current]
         options: list[list[Choice]] = [[c] for c in current]
-        for (l, c), d in zip(moves, score):
-            costs[l].append(cm.cost(l, c[1]))
-            gains[l].append(float(d))
-            options[l].append(c)
+        for (li, c), d in zip(moves, score, strict=False):
+            costs[li].append(cm.cost(li, c[1]))
+            gains[li].append(float(d))
+            options[li].append(c)
         picks = solve_dp([np.array(c) for c in costs], [np.array(g) for g in gains], capacity)
-        combo = [options[l][k] for l, k in enumerate(picks)]
-        used = sum(cm.cost(l, c[1]) for l, c in enumerate(current))
-        fits = [i for i, (l, c) in enumerate(moves) if used - cm.cost(l, current[l][1]) + cm.cost(l, c[1]) <= capacity]
+        combo = [options[li][k] for li, k in enumerate(picks)]
+        used = sum(cm.cost(li, c[1]) for li, c in enumerate(current))
+        fits = [
+            i for i, (li, c) in enumerate(moves) if used - cm.cost(li, current[li][1]) + cm.cost(li, c[1]) <= capacity
+        ]
         finalists: list[tuple[list[Choice], np.ndarray]] = []
         if fits:  # the best single move that fits was measured with the others: no second forward
             i = min(fits, key=lambda i: score[i])
@@ -130,8 +135,10 @@ def refine_plan(
             if check:
                 judged = float(check([candidate])[0])
                 if judged >= min(result.held_out):
-                    say(f"round {round_ + 1}: candidate {measured:.4f}, but held-out {judged:.4f} is not below "
-                        f"{min(result.held_out):.4f}")
+                    say(
+                        f"round {round_ + 1}: candidate {measured:.4f}, but held-out {judged:.4f} is not below "
+                        f"{min(result.held_out):.4f}"
+                    )
                     result.rejected.append([round_ + 1, measured, judged])
                     continue
                 result.held_out.append(judged)
@@ -140,37 +147,55 @@ def refine_plan(
         if accepted is None:
             say(f"round {round_ + 1}: nothing accepted; stop")
             break
-        changed = [f"L{l}: {a[0]}@{a[1]} -> {b[0]}@{b[1]}" for l, (a, b) in enumerate(zip(current, accepted[0]))
-                   if a != b]
+        changed = [
+            f"L{li}: {a[0]}@{a[1]} -> {b[0]}@{b[1]}"
+            for li, (a, b) in enumerate(zip(current, accepted[0], strict=False))
+            if a != b
+        ]
         current, current_ps = accepted
         loss = float(current_ps.mean())
         result.losses.append(loss)
         result.moves.append(changed)
-        say(f"round {round_ + 1}: {loss:.4f}" + (f", held-out {result.held_out[-1]:.4f}" if check else "")
-            + f" ({len(changed)} layers: {'; '.join(changed)})")
+        say(
+            f"round {round_ + 1}: {loss:.4f}"
+            + (f", held-out {result.held_out[-1]:.4f}" if check else "")
+            + f" ({len(changed)} layers: {'; '.join(changed)})"
+        )
     result.seconds = time.perf_counter() - started
-    result.plan = _with_choices(plan, current, result, len(samples), len(held_out or []), objective.evaluated,
-                                caution)
+    result.plan = _with_choices(plan, current, result, len(samples), len(held_out or []), objective.evaluated, caution)
     return result
 
 
-def _with_choices(plan: Plan, choices: list[Choice], result: RefineResult, samples: int, held_out: int,
-                  evaluated: int, caution: float) -> Plan:
-    params = {l.policy: l.params for l in plan.layers}
+def _with_choices(
+    plan: Plan, choices: list[Choice], result: RefineResult, samples: int, held_out: int, evaluated: int, caution: float
+) -> Plan:
+    params = {li.policy: li.params for li in plan.layers}
     layers = [
-        LayerPlan(l, p, b, params.get(p, make_policy(p).params()) if p != "full" else {},
-                  old.predicted_loss if (old.policy, old.budget) == (p, b) else None)
-        for l, ((p, b), old) in enumerate(zip(choices, plan.layers))
+        LayerPlan(
+            li,
+            p,
+            b,
+            params.get(p, make_policy(p).params()) if p != "full" else {},
+            old.predicted_loss if (old.policy, old.budget) == (p, b) else None,
+        )
+        for li, ((p, b), old) in enumerate(zip(choices, plan.layers, strict=False))
     ]
     refine = {
         "objective": "mean KL(full || plan) over teacher-forced calibration answers, all layers compressed",
-        "samples": samples, "rounds": len(result.moves), "measured_loss": _rounded(result.losses),
-        "moves": result.moves, "plans_measured": evaluated, "caution": caution,
+        "samples": samples,
+        "rounds": len(result.moves),
+        "measured_loss": _rounded(result.losses),
+        "moves": result.moves,
+        "plans_measured": evaluated,
+        "caution": caution,
         "source_predicted_loss": plan.predicted_loss,
     }
     if held_out:
-        refine["held_out"] = {"samples": held_out, "loss": _rounded(result.held_out),
-                              "rejected": [[int(r), *_rounded([a, b])] for r, a, b in result.rejected]}
+        refine["held_out"] = {
+            "samples": held_out,
+            "loss": _rounded(result.held_out),
+            "rejected": [[int(r), *_rounded([a, b])] for r, a, b in result.rejected],
+        }
     predicted = plan.predicted_loss if not result.moves else None  # unchanged layers keep the solver's prediction
     return replace(plan, layers=layers, predicted_loss=predicted, provenance={**plan.provenance, "refine": refine})
 

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from polykv.attention import polykv_attention
 from polykv.cache import PolyKVCache, stack
-from polykv.capture import clone_layer
 from polykv.calibrate.sample import PreparedSample
+from polykv.capture import clone_layer
 from polykv.compat import with_cache
 from polykv.settings import LayerSetting
 
@@ -47,7 +47,7 @@ def kept_sets(sample: PreparedSample, layer: int, options: list[Option]) -> tupl
     return unique, which
 
 
-def _answer_attention(sample: PreparedSample, layer: int) -> tuple[Tensor, Tensor, int]:
+def answer_attention(sample: PreparedSample, layer: int) -> tuple[Tensor, Tensor, int]:
     """Full-cache attention probabilities (Hq, m, T+m) of the answer queries, and the values repeated per head."""
     obs = sample.capture.observation(layer)
     q = sample.answer_queries[layer][0].float()
@@ -78,7 +78,7 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
     values (cost grows with the budget, not the context), and sets of the same size run as one batch. The answer
     tokens themselves are never evicted, so their share of each query's output is computed once.
     """
-    probs, v, tokens = _answer_attention(sample, layer)
+    probs, v, tokens = answer_attention(sample, layer)
     full_out = torch.matmul(probs, v)
     full_norm = full_out.norm().clamp_min(1e-12)
     p_prompt, v_prompt = probs[..., :tokens], v[:, :tokens]
@@ -101,7 +101,7 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
         out = (torch.matmul(p, vk) + answer_num) / (p.sum(-1, keepdim=True) + answer_den).clamp_min(1e-30)
         err = (out - full_out[None]).flatten(1).norm(dim=1) / full_norm
         mass = p.flatten(1).sum(1) / prompt_mass
-        for i, e, k in zip(members, err.tolist(), mass.tolist()):
+        for i, e, k in zip(members, err.tolist(), mass.tolist(), strict=False):
             results[i] = (e, k)
     return [results[w] for w in which]
 
@@ -119,10 +119,14 @@ def _batched_cache(sample: PreparedSample, layer: int, sets: list[Tensor]) -> Po
             for r, s in enumerate(sets):
                 idx[r, :, : s.shape[-1]] = s[0]
                 valid[r, :, : s.shape[-1]] = True
-            dst.keys, dst.values, dst.columns = (t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns))
+            dst.keys, dst.values, dst.columns = (
+                t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns)
+            )
             dst.keep(idx, entry_valid=valid)
         else:
-            dst.keys, dst.values, dst.columns = (t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns))
+            dst.keys, dst.values, dst.columns = (
+                t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns)
+            )
         layers.append(dst)
     return PolyKVCache(layers)
 
@@ -137,8 +141,9 @@ def answer_losses(sample: PreparedSample, logits: Tensor) -> tuple[Tensor, Tenso
 
 
 @torch.no_grad()
-def e2e_losses(model: nn.Module, sample: PreparedSample, layer: int, options: list[Option], batch: int = 8
-               ) -> list[tuple[float, float]]:
+def e2e_losses(
+    model: nn.Module, sample: PreparedSample, layer: int, options: list[Option], batch: int = 8
+) -> list[tuple[float, float]]:
     """(NLL rise, KL to full) per option when only `layer` is compressed, in batches of `batch` kept sets."""
     unique, which = kept_sets(sample, layer, options)
     results: list[tuple[float, float]] = []
@@ -149,7 +154,7 @@ def e2e_losses(model: nn.Module, sample: PreparedSample, layer: int, options: li
             inputs = sample.answer_in.expand(len(sets), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
             nll, kl = answer_losses(sample, logits)
-            results.extend((float(n) - sample.full_nll, float(k)) for n, k in zip(nll, kl))
+            results.extend((float(n) - sample.full_nll, float(k)) for n, k in zip(nll, kl, strict=False))
     return [results[w] for w in which]
 
 

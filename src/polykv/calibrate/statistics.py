@@ -16,7 +16,7 @@ import math
 import torch
 
 from polykv.calibrate.sample import PreparedSample
-from polykv.calibrate.sensitivity import _answer_attention
+from polykv.calibrate.sensitivity import answer_attention
 from polykv.policies.scoring import window_attention
 
 TOPK = (16, 64, 256)
@@ -29,7 +29,7 @@ def layer_statistics(sample: PreparedSample, layer: int, window: int = 32) -> li
     tokens = obs.num_tokens
     a_w = window_attention(obs, window)[0]
     a_w = a_w / a_w.sum(-1, keepdim=True).clamp_min(1e-30)
-    probs, _, _ = _answer_attention(sample, layer)
+    probs, _, _ = answer_attention(sample, layer)
     groups = probs.shape[0] // obs.keys.shape[1]
     a_a = probs[..., :tokens].sum(1).view(obs.keys.shape[1], groups, tokens).sum(1)
     a_a = a_a / a_a.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -9,10 +9,10 @@ produced them and every option, never a path or a time, so the same inputs give 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from math import fsum
 from pathlib import Path
-from typing import Mapping
 
 from polykv.errors import InfeasibleError, SolveError
 from polykv.plan import SCHEMA_VERSION, LayerPlan, Plan, polykv_version
@@ -45,13 +45,15 @@ def _pick_solver(cands: Candidates, capacity: int, options: SolveOptions, max_po
 
 
 def _total_loss(cands: Candidates, picks: list[int]) -> float:
-    return fsum(float(f[k]) for f, k in zip(cands.loss, picks))
+    return fsum(float(f[k]) for f, k in zip(cands.loss, picks, strict=False))
 
 
 def solve_choice(cands: Candidates, capacity: int, options: SolveOptions) -> tuple[list[int], str]:
     """Optimal option index per layer and the name of the solver that found it."""
     used = {int(g) for gr in cands.group for g in gr} - {-1}
-    max_policies = options.max_policies if options.max_policies is not None and options.max_policies < len(used) else None
+    max_policies = (
+        options.max_policies if options.max_policies is not None and options.max_policies < len(used) else None
+    )
     name = _pick_solver(cands, capacity, options, max_policies)
     picks = _run_solver(name, cands, capacity, max_policies)
     if options.cross_check:
@@ -68,8 +70,12 @@ def _base_provenance(table: OptionTable, calibration: Mapping | None, solver: st
         "polykv_version": polykv_version(),
         "solver": solver,
         **(dict(calibration) if calibration else {}),
-        "options": {"metric": table.metric, "aggregate": table.aggregation.describe(),
-                    "allow_missing": table.allow_missing, **options},
+        "options": {
+            "metric": table.metric,
+            "aggregate": table.aggregation.describe(),
+            "allow_missing": table.allow_missing,
+            **options,
+        },
     }
 
 
@@ -95,13 +101,21 @@ def solve_plan(
     try:
         picks, solver = solve_choice(cands, capacity, options)
     except InfeasibleError as exc:
-        raise InfeasibleError(f"average budget {average_budget}: {exc}; relax --max-policies or the pins, "
-                              "or raise the budget") from None
+        raise InfeasibleError(
+            f"average budget {average_budget}: {exc}; relax --max-policies or the pins, or raise the budget"
+        ) from None
     layers = []
     for layer, k in enumerate(picks):
         policy = str(cands.policy[layer][k])
-        layers.append(LayerPlan(layer, policy, int(cands.budget[layer][k]),
-                                {} if policy == "full" else table.params(policy), float(cands.loss[layer][k])))
+        layers.append(
+            LayerPlan(
+                layer,
+                policy,
+                int(cands.budget[layer][k]),
+                {} if policy == "full" else table.params(policy),
+                float(cands.loss[layer][k]),
+            )
+        )
     described = {**options.describe(), "full_cost": cands.full_cost}
     return Plan(
         schema_version=SCHEMA_VERSION,
@@ -149,7 +163,10 @@ def allocation_plan(
         described = {"allocation": "pyramid", "policy": policy, "beta": beta}
     params = {} if policy == "full" else table.params(policy)
     losses = [table.predicted_loss(layer, policy, b) for layer, b in enumerate(budgets)]
-    layers = [LayerPlan(layer, policy, b, dict(params), loss) for layer, (b, loss) in enumerate(zip(budgets, losses))]
+    layers = [
+        LayerPlan(layer, policy, b, dict(params), loss)
+        for layer, (b, loss) in enumerate(zip(budgets, losses, strict=False))
+    ]
     return Plan(
         schema_version=SCHEMA_VERSION,
         model=table.model,
@@ -182,9 +199,15 @@ class SolveRequest:
 def load_table(request: SolveRequest) -> tuple[OptionTable, dict]:
     """Load the calibration directory and aggregate it; returns the table and its provenance."""
     cal = load_calibration(request.calibration)
-    table = aggregate(cal.curves, cal.fingerprint, cal.model, request.metric,
-                      Aggregation.parse(request.aggregate, request.category_weights), request.allow_missing,
-                      cal.policy_params())
+    table = aggregate(
+        cal.curves,
+        cal.fingerprint,
+        cal.model,
+        request.metric,
+        Aggregation.parse(request.aggregate, request.category_weights),
+        request.allow_missing,
+        cal.policy_params(),
+    )
     return table, cal.provenance()
 
 
@@ -193,10 +216,14 @@ def plans_for(request: SolveRequest, table: OptionTable, calibration: Mapping | 
     if request.allocation is None:
         return solve_frontier(table, request.budgets, request.options, calibration)
     if request.options != SolveOptions():
-        raise SolveError(f"constraints (pins, bounds, policies, solver) apply to solved plans, not to the "
-                         f"{request.allocation} allocation; drop them or drop the allocation")
-    return [allocation_plan(table, request.allocation, request.allocation_policy, b, request.pyramid_beta, calibration)
-            for b in request.budgets]
+        raise SolveError(
+            f"constraints (pins, bounds, policies, solver) apply to solved plans, not to the "
+            f"{request.allocation} allocation; drop them or drop the allocation"
+        )
+    return [
+        allocation_plan(table, request.allocation, request.allocation_policy, b, request.pyramid_beta, calibration)
+        for b in request.budgets
+    ]
 
 
 def run_request(request: SolveRequest) -> tuple[OptionTable, list[Plan]]:
@@ -210,8 +237,9 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model.replace("/", "--")).strip("_") or "model"
 
 
-def plan_paths(model: str, budgets: tuple[int, ...], out: Path | None, allocation: str | None = None,
-               policy: str | None = None) -> list[Path]:
+def plan_paths(
+    model: str, budgets: tuple[int, ...], out: Path | None, allocation: str | None = None, policy: str | None = None
+) -> list[Path]:
     """Where plans go: `--out` (a file for one budget, else a directory) or plans/<model>[/<allocation>-<policy>]/,
     as avg<budget>.json."""
     if out is not None and len(budgets) == 1 and not out.is_dir():
@@ -227,5 +255,5 @@ def plan_paths(model: str, budgets: tuple[int, ...], out: Path | None, allocatio
 def write_plans(plans: list[Plan], paths: list[Path]) -> None:
     if len(plans) != len(paths):
         raise SolveError("one path per plan is needed")
-    for plan, path in zip(plans, paths):
+    for plan, path in zip(plans, paths, strict=False):
         plan.save(path)
