@@ -79,7 +79,9 @@ def subset_calibration(full: Path, n: int, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--family", required=True, help="a directory name under benchmarks/generalization")
+    ap.add_argument(
+        "--family", required=True, help="a directory name under benchmarks/generalization, or a path to one"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/generalization"))
     ap.add_argument("--budgets", default="64,128,256,512")
     ap.add_argument(
@@ -92,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most N evaluation instances per task")
     args = ap.parse_args(argv)
 
-    family = FAMILIES / args.family
+    family = Path(args.family) if Path(args.family).is_dir() else FAMILIES / args.family
     if not (family / "eval").is_dir():
         raise SystemExit(f"no family {args.family}: {family}/eval does not exist")
     polykv = str(Path(sys.executable).with_name("polykv"))
-    work = args.out / f"{args.model}-{args.family}"
+    work = args.out / f"{args.model}-{family.name}"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     methods = ["full", "uniform:*", f"plan:plans/{args.model}"]
