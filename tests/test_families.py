@@ -69,8 +69,9 @@ def test_shipped_manifest_records_the_command_and_counts(family: str):
     assert manifest["family"] == family and manifest["partition"] == EVALUATION.name
     assert manifest["command"].startswith(f"python -m polykv.evaluate.suite.families --family {family} --out DIR")
     assert f"--n {N_EVAL} --seed {manifest['seed']}" in manifest["command"]
-    assert {name: t["n"] for name, t in manifest["tasks"].items()} == {f"{family}_{k}": N_EVAL
-                                                                      for k in fam.kinds(family)}
+    assert {name: t["n"] for name, t in manifest["tasks"].items()} == {
+        f"{family}_{k}": N_EVAL for k in fam.kinds(family)
+    }
     readme = (SHIPPED / "README.md").read_text(encoding="utf-8")
     assert f"--family {family}" in readme and f"--seed {manifest['seed']}" in readme
 
@@ -81,7 +82,7 @@ def test_shipped_calibration_file_covers_every_kind(family: str):
     assert len(samples) == N_CALIBRATION
     counts = Counter(s.category for s in samples)
     assert set(counts) == set(fam.kinds(family)) and set(counts.values()) == {N_CALIBRATION // len(counts)}
-    assert round_robin(samples)[:len(counts)] == samples[:len(counts)]  # the file is already round-robin
+    assert round_robin(samples)[: len(counts)] == samples[: len(counts)]  # the file is already round-robin
     for s in samples:
         assert len(s.answers) == 1 and len(s.answers[0]) <= 100
         assert fam.FAMILIES[family].fits(s.context), s.id
@@ -152,8 +153,14 @@ about it
 def test_roff_reader_keeps_text_and_drops_layout():
     blocks = fam.parse_roff(ROFF)
     assert [(b.kind, b.section) for b in blocks] == [
-        ("heading", "NAME"), ("text", "NAME"), ("heading", "DESCRIPTION"), ("text", "DESCRIPTION"),
-        ("text", "DESCRIPTION"), ("item", "DESCRIPTION"), ("heading", "SEE ALSO"), ("text", "SEE ALSO"),
+        ("heading", "NAME"),
+        ("text", "NAME"),
+        ("heading", "DESCRIPTION"),
+        ("text", "DESCRIPTION"),
+        ("text", "DESCRIPTION"),
+        ("item", "DESCRIPTION"),
+        ("heading", "SEE ALSO"),
+        ("text", "SEE ALSO"),
     ]
     assert blocks[1].text == "demo - show things"
     assert blocks[3].text == "First line continues here."
@@ -168,8 +175,10 @@ def test_unescape_resolves_fonts_specials_and_unicode():
 
 
 def test_legal_comments_are_stripped_from_c():
-    text = ("/* Copyright 2020 X.\n   Licensed under the GPL. */\n\n\n/* Useful. */\nint a;\n"
-            "// SPDX-License-Identifier: MIT\n")
+    text = (
+        "/* Copyright 2020 X.\n   Licensed under the GPL. */\n\n\n/* Useful. */\nint a;\n"
+        "// SPDX-License-Identifier: MIT\n"
+    )
     assert fam.strip_legal(text) == "/* Useful. */\nint a;\n"
 
 
@@ -180,9 +189,17 @@ def test_c_chunks_split_only_at_top_level():
 
 def test_c_completion_targets_start_whole_statements():
     lines = [
-        "/* comment", "int in_comment = 1;", "*/", "extern int first_function (int x);", "extern int second (int a,",
-        "                   int b);", "#define LONG_MACRO_NAME 12", "#define CONTINUED(x) \\", "   ((x) + 1)",
-        "typedef unsigned long handle_t;", "  x = y; /* with a comment */",
+        "/* comment",
+        "int in_comment = 1;",
+        "*/",
+        "extern int first_function (int x);",
+        "extern int second (int a,",
+        "                   int b);",
+        "#define LONG_MACRO_NAME 12",
+        "#define CONTINUED(x) \\",
+        "   ((x) + 1)",
+        "typedef unsigned long handle_t;",
+        "  x = y; /* with a comment */",
     ]
     assert fam.c_completion_targets(lines) == [3, 6]
 
@@ -235,8 +252,10 @@ def test_builders_are_deterministic_and_disjoint(family: str, tmp_path: Path):
         assert path.read_bytes() == (b / path.name).read_bytes()
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     manifest = json.loads((a / "manifest.json").read_text())
-    assert manifest["command"] == (f"python -m polykv.evaluate.suite.families --family {family} --out DIR --n 2 "
-                                   f"--seed 77 --calibration-out FILE --calibration-n {len(fam.kinds(family))}")
+    assert manifest["command"] == (
+        f"python -m polykv.evaluate.suite.families --family {family} --out DIR --n 2 "
+        f"--seed 77 --calibration-out FILE --calibration-n {len(fam.kinds(family))}"
+    )
     rows = [r for p in sorted(a.glob("*.jsonl")) for r in load_tasks(p)[0]]
     assert len(rows) == 2 * len(fam.kinds(family))
     samples = load_samples(tmp_path / "a.jsonl")

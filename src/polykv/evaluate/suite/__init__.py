@@ -40,8 +40,10 @@ def load_default_suite() -> list[TaskInstance]:
     """Every instance of the shipped suite, task files in name order; TaskError if a file is malformed or absent."""
     files = suite_files()
     if not files:
-        raise TaskError(f"no task files in {default_suite_path()}; reinstall polykv or rebuild the suite with "
-                        "python -m polykv.evaluate.suite.build --out src/polykv/evaluate/suite/data")
+        raise TaskError(
+            f"no task files in {default_suite_path()}; reinstall polykv or rebuild the suite with "
+            "python -m polykv.evaluate.suite.build --out src/polykv/evaluate/suite/data"
+        )
     out: list[TaskInstance] = []
     for f in files:
         instances, warnings = load_tasks(f)

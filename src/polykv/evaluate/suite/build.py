@@ -61,10 +61,18 @@ CHANGELOG_SIZE = Size(8800, 9300, 10000)
 Instance = dict[str, object]
 
 
-def _instance(task: str, i: int, context: str, question: str, answers: list[str], metric: str,
-              max_new_tokens: int) -> Instance:
-    return {"id": f"{task}-{i:03d}", "task": task, "context": context, "question": question, "answers": answers,
-            "metric": metric, "max_new_tokens": max_new_tokens}
+def _instance(
+    task: str, i: int, context: str, question: str, answers: list[str], metric: str, max_new_tokens: int
+) -> Instance:
+    return {
+        "id": f"{task}-{i:03d}",
+        "task": task,
+        "context": context,
+        "question": question,
+        "answers": answers,
+        "metric": metric,
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def _depth(rng: random.Random, i: int, n: int) -> float:
@@ -100,28 +108,35 @@ def build_passkey(n: int, seed: int, part: Partition = EVALUATION, size: Size = 
     return out
 
 
-def build_multikey_needles(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                           keys: int = 8) -> list[Instance]:
+def build_multikey_needles(
+    n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE, keys: int = 8
+) -> list[Instance]:
     """Several key-value needles spread through real prose; the question asks for one of them."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         names = _distinct(rng, key_phrase, keys)
         values = _distinct(rng, lambda r: number(r, 7), keys)
-        needles = [f"The special magic number for {k} is {v}." for k, v in zip(names, values)]
+        needles = [f"The special magic number for {k} is {v}." for k, v in zip(names, values, strict=False)]
         asked = rng.randrange(keys)
         depths = [rng.uniform(0.02, 0.98) for _ in range(keys)]
         depths[asked] = _depth(rng, i, n)
         extra = sum(len(x) + 2 for x in needles)
         blocks = haystack(rng, part, size.target - extra, size.hi - extra)
-        context = insert_at_depths(blocks, list(zip(depths, needles)))
+        context = insert_at_depths(blocks, list(zip(depths, needles, strict=False)))
         question = f"What is the special magic number for {names[asked]}? Answer with the number only."
         out.append(_instance("multikey_needles", i, context, question, [values[asked]], "substring", 24))
     return out
 
 
-def build_variable_tracking(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                            chains: int = 3, hops: tuple[int, ...] = (1, 2)) -> list[Instance]:
+def build_variable_tracking(
+    n: int,
+    seed: int,
+    part: Partition = EVALUATION,
+    size: Size = EVAL_SIZE,
+    chains: int = 3,
+    hops: tuple[int, ...] = (1, 2),
+) -> list[Instance]:
     """Multi-hop chains ("variable A is 12345", "B is the same as A", ...) spread through prose.
 
     The question asks for the number at the end of one chain; instance i has hops[i % len(hops)] links per chain,
@@ -137,11 +152,13 @@ def build_variable_tracking(n: int, seed: int, part: Partition = EVALUATION, siz
         items: list[tuple[float, str]] = []
         ends = []
         for c in range(chains):
-            var = names[c * (h + 1):(c + 1) * (h + 1)]
+            var = names[c * (h + 1) : (c + 1) * (h + 1)]
             depths = sorted(rng.uniform(0.02, 0.98) for _ in var)
             items.append((depths[0], f"The value of variable {var[0]} is {values[c]}."))
-            items.extend((d, f"The value of variable {b} is the same as the value of variable {a}.")
-                         for d, a, b in zip(depths[1:], var, var[1:]))
+            items.extend(
+                (d, f"The value of variable {b} is the same as the value of variable {a}.")
+                for d, a, b in zip(depths[1:], var, var[1:], strict=False)
+            )
             ends.append(var[-1])
         asked = rng.randrange(chains)
         extra = sum(len(t) + 2 for _, t in items)
@@ -172,8 +189,9 @@ def word_pool(part: Partition) -> list[str]:
     return [w for w, c in counts.items() if c >= 2]
 
 
-def build_frequent_words(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                         fillers: int = 80) -> list[Instance]:
+def build_frequent_words(
+    n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE, fillers: int = 80
+) -> list[Instance]:
     """A word list (one per line) in which one word makes 15% of the entries, two others 5% each and 80 fillers the
     rest; ask for the most frequent one. The evidence is spread over the whole list (aggregation)."""
     rng = random.Random(seed)
@@ -186,7 +204,7 @@ def build_frequent_words(n: int, seed: int, part: Partition = EVALUATION, size: 
         counts = [round(0.15 * total), round(0.05 * total), round(0.05 * total)]
         rest = total - sum(counts)
         counts += [rest // fillers + (1 if j < rest % fillers else 0) for j in range(fillers)]
-        words = [w for w, c in zip(vocab, counts) for _ in range(c)]
+        words = [w for w, c in zip(vocab, counts, strict=False) for _ in range(c)]
         rng.shuffle(words)
         context = "\n".join(words)
         question = "Which word appears most often in the list above? Answer with the word only."
@@ -226,17 +244,25 @@ def _change_line(rng: random.Random, entry: ChangelogEntry, context: str) -> str
     """A one-line bullet ("* Fix ...") of `entry` with at least 5 words, occurring once in the context, or None."""
     rows = entry.text.splitlines() + [""]
     lines = []
-    for ln, nxt in zip(rows, rows[1:]):
+    for ln, nxt in zip(rows, rows[1:], strict=False):
         wrapped = nxt.startswith("    ") and not nxt.strip().startswith(("-", "*", "+"))
         if ln.strip().startswith("* ") and not wrapped:
             lines.append(ln.strip()[2:].strip())
-    lines = [ln for ln in lines if len(ln.split()) >= 5 and len(ln) <= 100 and context.count(ln) == 1
-             and not any(c.isdigit() for c in ln) and '"' not in ln]
+    lines = [
+        ln
+        for ln in lines
+        if len(ln.split()) >= 5
+        and len(ln) <= 100
+        and context.count(ln) == 1
+        and not any(c.isdigit() for c in ln)
+        and '"' not in ln
+    ]
     return rng.choice(lines) if lines else None
 
 
-def build_changelog_qa(n: int, seed: int, part: Partition = EVALUATION, size: Size = CHANGELOG_SIZE,
-                       task: str = "changelog_qa") -> list[Instance]:
+def build_changelog_qa(
+    n: int, seed: int, part: Partition = EVALUATION, size: Size = CHANGELOG_SIZE, task: str = "changelog_qa"
+) -> list[Instance]:
     """Single-document QA on a real Debian changelog, rotating three questions about one entry.
 
     Who signed version V; which version made a quoted change; who signed the entry with a quoted change.
@@ -251,30 +277,38 @@ def build_changelog_qa(n: int, seed: int, part: Partition = EVALUATION, size: Si
         kind = len(out) % 3
         change = _change_line(rng, target, context)
         if kind == 0:
-            question = (f"In the Debian changelog above, who signed off the entry for version {target.version} of "
-                        f"{target.source}? Answer with the person's name only.")
+            question = (
+                f"In the Debian changelog above, who signed off the entry for version {target.version} of "
+                f"{target.source}? Answer with the person's name only."
+            )
             answer = target.signer
         elif change is None:
             continue
         elif kind == 1:
-            question = (f'In the Debian changelog above, which version of {target.source} made the change "{change}"? '
-                        "Answer with the version number only.")
+            question = (
+                f'In the Debian changelog above, which version of {target.source} made the change "{change}"? '
+                "Answer with the version number only."
+            )
             answer = target.version
         else:
-            question = (f'In the Debian changelog above, who signed off the entry with the change "{change}"? '
-                        "Answer with the person's name only.")
+            question = (
+                f'In the Debian changelog above, who signed off the entry with the change "{change}"? '
+                "Answer with the person's name only."
+            )
             answer = target.signer
         out.append(_instance(task, len(out), context, question, [answer], "f1", 24))
     return out
 
 
 def _doc_candidates(part: Partition) -> list[Docstring]:
-    return [d for d in docstrings(part)
-            if 300 <= len(d.text) <= 1600 and len(d.short) >= 5 and not d.short.startswith("_")]
+    return [
+        d for d in docstrings(part) if 300 <= len(d.text) <= 1600 and len(d.short) >= 5 and not d.short.startswith("_")
+    ]
 
 
-def build_multidoc_retrieval(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                             task: str = "multidoc_retrieval") -> list[Instance]:
+def build_multidoc_retrieval(
+    n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE, task: str = "multidoc_retrieval"
+) -> list[Instance]:
     """Many titled documents (real docstrings); quote a phrase from one and ask for that document's title."""
     rng = random.Random(seed)
     pool = _doc_candidates(part)
@@ -310,7 +344,7 @@ def _quote(rng: random.Random, target: Docstring, docs: list[Docstring]) -> str 
     rng.shuffle(lines)
     for words in lines:
         a = rng.randrange(len(words) - 6)
-        phrase = " ".join(words[a:a + 7])
+        phrase = " ".join(words[a : a + 7])
         if target.short.lower() in phrase.lower() or '"' in phrase:
             continue
         if all(phrase not in " ".join(d.text.split()) for d in docs if d is not target):
@@ -339,7 +373,7 @@ def completion_targets(f: SourceFile) -> list[int]:
             continue
         raw = lines[node.lineno - 1]
         text = raw.strip()
-        if raw[:node.col_offset].strip():  # the statement follows "try:", "if x:"... on the same line
+        if raw[: node.col_offset].strip():  # the statement follows "try:", "if x:"... on the same line
             continue
         if 12 <= len(text) <= 90 and not text.startswith(("#", "@")) and ";" not in text:
             out.append(node.lineno - 1)
@@ -380,8 +414,9 @@ def _similar_lines(query: str, lines: list[str], k: int, threshold: float) -> li
     return out
 
 
-def build_code_completion(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                          task: str = "code_completion") -> list[Instance]:
+def build_code_completion(
+    n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE, task: str = "code_completion"
+) -> list[Instance]:
     """Next-line completion on real stdlib source (scored by edit similarity, as LongBench's lcc).
 
     The target line is never verbatim in the context but always has a similar line there (a sibling call, a
@@ -413,9 +448,19 @@ def build_code_completion(n: int, seed: int, part: Partition = EVALUATION, size:
 # Label words are related to the statement kinds but are not Python keywords, so the label set (and which word
 # goes with which kind) has to be read off the examples; query lines never contain a label word.
 KIND_LABELS = {
-    "Import": "module", "ImportFrom": "module", "FunctionDef": "function", "AsyncFunctionDef": "function",
-    "Return": "result", "Raise": "failure", "If": "condition", "For": "loop", "While": "loop",
-    "Assign": "assignment", "AugAssign": "assignment", "AnnAssign": "assignment", "Expr": "call",
+    "Import": "module",
+    "ImportFrom": "module",
+    "FunctionDef": "function",
+    "AsyncFunctionDef": "function",
+    "Return": "result",
+    "Raise": "failure",
+    "If": "condition",
+    "For": "loop",
+    "While": "loop",
+    "Assign": "assignment",
+    "AugAssign": "assignment",
+    "AnnAssign": "assignment",
+    "Expr": "call",
 }
 LABELS = sorted(set(KIND_LABELS.values()))
 
@@ -442,9 +487,15 @@ def labelled_lines(part: Partition) -> dict[str, list[str]]:
     return {label: list(v) for label, v in out.items()}
 
 
-def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION, size: Size = EVAL_SIZE,
-                                 task: str = "fewshot_classification", near_k: int = 3,
-                                 near_sim: float = 0.7) -> list[Instance]:
+def build_fewshot_classification(
+    n: int,
+    seed: int,
+    part: Partition = EVALUATION,
+    size: Size = EVAL_SIZE,
+    task: str = "fewshot_classification",
+    near_k: int = 3,
+    near_sim: float = 0.7,
+) -> list[Instance]:
     """In-context classification of code lines into kinds whose label words are only learnable from examples.
 
     Examples cycle through the labels in random order; `near_k` of them are lines similar to the query (same
@@ -476,8 +527,10 @@ def build_fewshot_classification(n: int, seed: int, part: Partition = EVALUATION
         for line in near:
             blocks.insert(rng.randrange(len(blocks) + 1), f"Line: {line}\nKind: {label}")
         context = "\n\n".join(blocks)
-        question = ("Classify the next line the way the lines above are classified. Answer with the kind label "
-                    f"only.\nLine: {query}\nKind:")
+        question = (
+            "Classify the next line the way the lines above are classified. Answer with the kind label "
+            f"only.\nLine: {query}\nKind:"
+        )
         out.append(_instance(task, len(out), context, question, [label], "substring", 16))
     return out
 
@@ -511,15 +564,27 @@ def write_jsonl(path: Path, rows: list[Instance]) -> None:
 
 def length_stats(rows: list[Instance]) -> dict[str, int]:
     chars = sorted(len(str(r["context"])) for r in rows)
-    return {"n": len(rows), "min_chars": chars[0], "median_chars": chars[len(chars) // 2], "max_chars": chars[-1],
-            "min_est_tokens": round(chars[0] / CHARS_PER_TOKEN), "max_est_tokens": round(chars[-1] / CHARS_PER_TOKEN)}
+    return {
+        "n": len(rows),
+        "min_chars": chars[0],
+        "median_chars": chars[len(chars) // 2],
+        "max_chars": chars[-1],
+        "min_est_tokens": round(chars[0] / CHARS_PER_TOKEN),
+        "max_est_tokens": round(chars[-1] / CHARS_PER_TOKEN),
+    }
 
 
 PARTITIONS = {p.name: p for p in (EVALUATION, CALIBRATION)}
 
 
-def build_suite(out: Path, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, tasks: list[str] | None = None,
-                part: Partition = EVALUATION, id_prefix: str = "") -> dict:
+def build_suite(
+    out: Path,
+    n: int = DEFAULT_N,
+    seed: int = DEFAULT_SEED,
+    tasks: list[str] | None = None,
+    part: Partition = EVALUATION,
+    id_prefix: str = "",
+) -> dict:
     """Write every task's JSONL and a manifest (counts, lengths, seeds, Python version); returns the manifest.
 
     `part=CALIBRATION` draws the same tasks from the calibration sources instead: a development split for choosing
@@ -534,8 +599,14 @@ def build_suite(out: Path, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, tasks: 
         command += f" --partition {part.name}"
     if id_prefix:
         command += f" --id-prefix {id_prefix}"
-    manifest: dict = {"builder_version": BUILDER_VERSION, "seed": seed, "partition": part.name,
-                      "python": sys.version.split()[0], "command": command, "tasks": {}}
+    manifest: dict = {
+        "builder_version": BUILDER_VERSION,
+        "seed": seed,
+        "partition": part.name,
+        "python": sys.version.split()[0],
+        "command": command,
+        "tasks": {},
+    }
     for name in tasks or list(TASKS):
         rows = [{**r, "id": id_prefix + str(r["id"])} for r in TASKS[name](n, task_seed(seed, name), part)]
         write_jsonl(out / f"{name}.jsonl", rows)
@@ -551,8 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=DEFAULT_N, help="instances per task")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed (task k uses seed + k)")
     ap.add_argument("--tasks", nargs="*", choices=list(TASKS), help="only these tasks (default: all)")
-    ap.add_argument("--partition", choices=list(PARTITIONS), default=EVALUATION.name,
-                    help="source texts: evaluation (the shipped suite) or calibration (a development split)")
+    ap.add_argument(
+        "--partition",
+        choices=list(PARTITIONS),
+        default=EVALUATION.name,
+        help="source texts: evaluation (the shipped suite) or calibration (a development split)",
+    )
     ap.add_argument("--id-prefix", default="", help="prepended to every id, e.g. rep- for a replication set")
     args = ap.parse_args(argv)
     build_suite(args.out, args.n, args.seed, args.tasks, PARTITIONS[args.partition], args.id_prefix)

@@ -109,24 +109,117 @@ def estimated_tokens(text: str) -> float:
 # Thousands of generated cloud-CLI pages that differ in a few words would dominate any sample of man1.
 _SKIP_PAGE_PREFIXES = ("gcloud",)
 # Sections that are boilerplate shared between pages (credits, licences, cross-references).
-_SKIP_SECTIONS = frozenset({
-    "SEE ALSO", "AUTHOR", "AUTHORS", "COPYRIGHT", "COLOPHON", "REPORTING BUGS", "LICENSE", "LICENCE", "COPYING",
-    "AVAILABILITY", "HISTORY", "ACKNOWLEDGEMENTS", "ACKNOWLEDGMENTS", "TRANSLATION", "THANKS", "CREDITS",
-})
+_SKIP_SECTIONS = frozenset(
+    {
+        "SEE ALSO",
+        "AUTHOR",
+        "AUTHORS",
+        "COPYRIGHT",
+        "COLOPHON",
+        "REPORTING BUGS",
+        "LICENSE",
+        "LICENCE",
+        "COPYING",
+        "AVAILABILITY",
+        "HISTORY",
+        "ACKNOWLEDGEMENTS",
+        "ACKNOWLEDGMENTS",
+        "TRANSLATION",
+        "THANKS",
+        "CREDITS",
+    }
+)
 _SPECIAL = {
-    "em": "--", "en": "-", "hy": "-", "mi": "-", "aq": "'", "dq": '"', "lq": '"', "rq": '"', "oq": "'", "cq": "'",
-    "bu": "*", "co": "(c)", "rg": "(R)", "tm": "(TM)", "bv": "|", "ba": "|", "ti": "~", "ha": "^", "rs": "\\",
-    "sl": "/", "ga": "`", "at": "@", "sh": "#", "dg": "+", "mu": "x", "di": "/", "+-": "+-", "<=": "<=", ">=": ">=",
-    "!=": "!=", "->": "->", "<-": "<-", "=>": "=>", "aa": "'", "ra": ">", "la": "<", "Fo": "<<", "Fc": ">>",
-    "lB": "[", "rB": "]", "lC": "{", "rC": "}", "pl": "+", "eq": "=", "ua": "^", "de": " degrees", "fm": "'",
-    "sq": "*", "ss": "ss", "'e": "e", "`e": "e", "'a": "a", ":u": "u", ":o": "o", ":a": "a", "cq'": "'",
+    "em": "--",
+    "en": "-",
+    "hy": "-",
+    "mi": "-",
+    "aq": "'",
+    "dq": '"',
+    "lq": '"',
+    "rq": '"',
+    "oq": "'",
+    "cq": "'",
+    "bu": "*",
+    "co": "(c)",
+    "rg": "(R)",
+    "tm": "(TM)",
+    "bv": "|",
+    "ba": "|",
+    "ti": "~",
+    "ha": "^",
+    "rs": "\\",
+    "sl": "/",
+    "ga": "`",
+    "at": "@",
+    "sh": "#",
+    "dg": "+",
+    "mu": "x",
+    "di": "/",
+    "+-": "+-",
+    "<=": "<=",
+    ">=": ">=",
+    "!=": "!=",
+    "->": "->",
+    "<-": "<-",
+    "=>": "=>",
+    "aa": "'",
+    "ra": ">",
+    "la": "<",
+    "Fo": "<<",
+    "Fc": ">>",
+    "lB": "[",
+    "rB": "]",
+    "lC": "{",
+    "rC": "}",
+    "pl": "+",
+    "eq": "=",
+    "ua": "^",
+    "de": " degrees",
+    "fm": "'",
+    "sq": "*",
+    "ss": "ss",
+    "'e": "e",
+    "`e": "e",
+    "'a": "a",
+    ":u": "u",
+    ":o": "o",
+    ":a": "a",
+    "cq'": "'",
 }
 _STRINGS = {
-    "lq": '"', "rq": '"', 'L"': '"', 'R"': '"', "C`": '"', "C'": '"', "Aq": "'", "--": "--", "PI": "pi", "R": "(R)",
-    "Tm": "(TM)", "C+": "C++", "Ba": "|", "Ge": ">=", "Le": "<=", "Lq": '"', "Rq": '"', "Am": "&",
+    "lq": '"',
+    "rq": '"',
+    'L"': '"',
+    'R"': '"',
+    "C`": '"',
+    "C'": '"',
+    "Aq": "'",
+    "--": "--",
+    "PI": "pi",
+    "R": "(R)",
+    "Tm": "(TM)",
+    "C+": "C++",
+    "Ba": "|",
+    "Ge": ">=",
+    "Le": "<=",
+    "Lq": '"',
+    "Rq": '"',
+    "Am": "&",
 }
-_SINGLE = {"-": "-", "e": "\\", "\\": "\\", "0": " ", " ": " ", "~": " ", "t": " ", ".": ".", "'": "'", "`": "`",
-           "E": "\\"}
+_SINGLE = {
+    "-": "-",
+    "e": "\\",
+    "\\": "\\",
+    "0": " ",
+    " ": " ",
+    "~": " ",
+    "t": " ",
+    ".": ".",
+    "'": "'",
+    "`": "`",
+    "E": "\\",
+}
 _ESCAPE = re.compile(
     r"""\\(?:
         \((?P<special>..)
@@ -392,8 +485,9 @@ def man_pages(part: Partition) -> tuple[ManPage, ...]:
     for page in pages:
         for text in {b.render() for b in page.blocks}:
             counts[text] = counts.get(text, 0) + 1
-    kept = [ManPage(p.name, tuple(b for b in p.blocks if len(b.render()) < 60 or counts[b.render()] == 1))
-            for p in pages]
+    kept = [
+        ManPage(p.name, tuple(b for b in p.blocks if len(b.render()) < 60 or counts[b.render()] == 1)) for p in pages
+    ]
     return tuple(p for p in kept if p.blocks)
 
 
@@ -546,7 +640,7 @@ def man_blocks(rng: random.Random, part: Partition, target: int, limit: int) -> 
         for page in rng.sample(pages, min(20, len(pages))):
             if total >= target:
                 break
-            for block in page.blocks[rng.randrange(len(page.blocks)):]:
+            for block in page.blocks[rng.randrange(len(page.blocks)) :]:
                 size = len(block.render()) + 2
                 if total + size > limit:
                     break
@@ -606,8 +700,12 @@ class Family:
 
 
 def _answer_instruction(kind: str) -> str:
-    return {"number": "Answer with the number only.", "value": "Answer with the value only.",
-            "option": "Answer with the option only.", "line": "Answer with that line of code only."}[kind]
+    return {
+        "number": "Answer with the number only.",
+        "value": "Answer with the value only.",
+        "option": "Answer with the option only.",
+        "line": "Answer with that line of code only.",
+    }[kind]
 
 
 def _word_pairs(rng: random.Random, k: int) -> list[tuple[str, str]]:
@@ -627,8 +725,9 @@ def _char_depth(blocks: list[str], depth: float) -> float:
     return 1.0
 
 
-def _with_facts(rng: random.Random, fam: Family, part: Partition, items: list[tuple[float, str]],
-                avoid: Iterable[str]) -> str | None:
+def _with_facts(
+    rng: random.Random, fam: Family, part: Partition, items: list[tuple[float, str]], avoid: Iterable[str]
+) -> str | None:
     """The family's haystack with `items` inserted at their depths, or None if it is out of the size bounds or the
     real text already contains one of the generated names in `avoid`."""
     extra = sum(len(t) + 2 for _, t in items)
@@ -678,8 +777,9 @@ def build_multikey(fam: Family, n: int, seed: int, part: Partition, keep: Keep, 
     return out
 
 
-def build_vartrack(fam: Family, n: int, seed: int, part: Partition, keep: Keep, chains: int = 2,
-                   hops: tuple[int, ...] = (1,)) -> list[Instance]:
+def build_vartrack(
+    fam: Family, n: int, seed: int, part: Partition, keep: Keep, chains: int = 2, hops: tuple[int, ...] = (1,)
+) -> list[Instance]:
     """Chains of assignments (a number, then names equal to the previous name) spread through the text; instance i
     has hops[i % len(hops)] links per chain and asks the number at the end of one chain (the others distract).
 
@@ -697,7 +797,7 @@ def build_vartrack(fam: Family, n: int, seed: int, part: Partition, keep: Keep, 
         items: list[tuple[float, str]] = []
         ends = []
         for c in range(chains):
-            chain = names[c * (h + 1):(c + 1) * (h + 1)]
+            chain = names[c * (h + 1) : (c + 1) * (h + 1)]
             depths = sorted(rng.uniform(0.02, 0.98) for _ in chain)
             items.append((depths[0], fam.assign(chain[0], values[c])))
             items.extend((d, fam.alias(b, a)) for d, a, b in zip(depths[1:], chain, chain[1:], strict=False))
@@ -719,8 +819,9 @@ def json_object(rng: random.Random, entries: int) -> tuple[dict[str, int], str]:
     return dict(zip(keys, map(int, values), strict=True)), rng.choice(keys)
 
 
-def build_json_lookup(fam: Family, n: int, seed: int, part: Partition, keep: Keep,
-                      entries: tuple[int, int] = (5, 8)) -> list[Instance]:
+def build_json_lookup(
+    fam: Family, n: int, seed: int, part: Partition, keep: Keep, entries: tuple[int, int] = (5, 8)
+) -> list[Instance]:
     """A JSON settings object (5-8 entries) embedded at a stratified depth; the question asks one key's value.
 
     Small because SmolLM2-135M's full cache read none of 6 objects of 20-34 entries (and 2 of 6 at 5-7), while
@@ -810,8 +911,10 @@ def build_option(fam: Family, n: int, seed: int, part: Partition, keep: Keep, st
             continue
         chosen = rng.sample(candidates, statements)
         depths = [_depth(rng, len(out), n)] + [rng.uniform(0.02, 0.98) for _ in range(statements - 1)]
-        items = [(_char_depth(texts, d), option_statement(phrase, answers[0]))
-                 for d, (answers, phrase) in zip(depths, chosen, strict=True)]
+        items = [
+            (_char_depth(texts, d), option_statement(phrase, answers[0]))
+            for d, (answers, phrase) in zip(depths, chosen, strict=True)
+        ]
         context = insert_at_depths(texts, items)
         if not fam.fits(context) or not keep(context):
             continue
@@ -841,8 +944,13 @@ def build_nextline(fam: Family, n: int, seed: int, part: Partition, keep: Keep) 
         for t in targets[:40]:
             context = code_window(lines, t, fam.size)
             target = lines[t].strip()
-            if (context is not None and target not in context and fam.fits(context) and keep(context)
-                    and _similar_lines(target, context.splitlines(), 1, 0.6)):
+            if (
+                context is not None
+                and target not in context
+                and fam.fits(context)
+                and keep(context)
+                and _similar_lines(target, context.splitlines(), 1, 0.6)
+            ):
                 break
         else:
             continue
@@ -876,10 +984,14 @@ CSOURCE = Family(
 )
 FAMILIES = {f.name: f for f in (MANPAGES, CSOURCE)}
 SHARED_KINDS: dict[str, Builder] = {
-    "needle": build_needle, "multikey": build_multikey, "vartrack": build_vartrack, "json_lookup": build_json_lookup,
+    "needle": build_needle,
+    "multikey": build_multikey,
+    "vartrack": build_vartrack,
+    "json_lookup": build_json_lookup,
 }
 OWN_KIND: dict[str, tuple[str, Builder]] = {
-    "manpages": ("option", build_option), "csource": ("nextline", build_nextline),
+    "manpages": ("option", build_option),
+    "csource": ("nextline", build_nextline),
 }
 
 
@@ -922,22 +1034,35 @@ def disjoint_from(reference: str) -> Keep:
     return lambda context: not shares_text(context, reference)
 
 
-def build_eval(family: str, n: int = DEFAULT_N, seed: int = DEFAULT_SEED,
-               reference: str | None = None) -> dict[str, list[Instance]]:
+def build_eval(
+    family: str, n: int = DEFAULT_N, seed: int = DEFAULT_SEED, reference: str | None = None
+) -> dict[str, list[Instance]]:
     """task name -> n evaluation instances from the evaluation partition; kind k uses seed + 1 + k."""
     keep = disjoint_from(shipped_reference() if reference is None else reference)
     fam = FAMILIES[family]
-    return {f"{family}_{kind}": builder(fam, n, seed + 1 + k, EVALUATION, keep)
-            for k, (kind, builder) in enumerate(kinds(family).items())}
+    return {
+        f"{family}_{kind}": builder(fam, n, seed + 1 + k, EVALUATION, keep)
+        for k, (kind, builder) in enumerate(kinds(family).items())
+    }
 
 
 def _calibration_row(row: Instance, kind: str, i: int) -> Instance:
-    return {"id": f"{row['task']}-{i:02d}", "category": kind, "context": row["context"], "question": row["question"],
-            "answers": [row["answers"][0]]}  # type: ignore[index]
+    return {
+        "id": f"{row['task']}-{i:02d}",
+        "category": kind,
+        "context": row["context"],
+        "question": row["question"],
+        "answers": [row["answers"][0]],
+    }  # type: ignore[index]
 
 
-def build_calibration(family: str, n: int = DEFAULT_CALIBRATION_N, seed: int = DEFAULT_SEED,
-                      eval_rows: Iterable[Instance] = (), reference: str | None = None) -> list[Instance]:
+def build_calibration(
+    family: str,
+    n: int = DEFAULT_CALIBRATION_N,
+    seed: int = DEFAULT_SEED,
+    eval_rows: Iterable[Instance] = (),
+    reference: str | None = None,
+) -> list[Instance]:
     """n calibration-format samples from the calibration partition, round-robin over the kinds (categories).
 
     Kind k uses seed + 501 + k; a sample sharing a 200-character passage with `eval_rows` or the shipped data is
@@ -948,9 +1073,13 @@ def build_calibration(family: str, n: int = DEFAULT_CALIBRATION_N, seed: int = D
     fam = FAMILIES[family]
     table = kinds(family)
     counts = [n // len(table) + (1 if k < n % len(table) else 0) for k in range(len(table))]
-    per_kind = [[_calibration_row(r, kind, i) for i, r in
-                 enumerate(builder(fam, c, seed + 1 + CALIBRATION_SEED_OFFSET + k, CALIBRATION, keep))]
-                for k, ((kind, builder), c) in enumerate(zip(table.items(), counts, strict=True))]
+    per_kind = [
+        [
+            _calibration_row(r, kind, i)
+            for i, r in enumerate(builder(fam, c, seed + 1 + CALIBRATION_SEED_OFFSET + k, CALIBRATION, keep))
+        ]
+        for k, ((kind, builder), c) in enumerate(zip(table.items(), counts, strict=True))
+    ]
     return [rows[d] for d in range(max(counts)) for rows in per_kind if d < len(rows)]
 
 
@@ -965,12 +1094,19 @@ def command_line(family: str, n: int, seed: int, out: bool, calibration_n: int |
     return command
 
 
-def write_eval(out: Path, family: str, tasks: dict[str, list[Instance]], n: int, seed: int,
-               calibration_n: int | None) -> dict:
+def write_eval(
+    out: Path, family: str, tasks: dict[str, list[Instance]], n: int, seed: int, calibration_n: int | None
+) -> dict:
     """Write DIR/<task>.jsonl and DIR/manifest.json; returns the manifest."""
-    manifest: dict = {"builder_version": FAMILY_BUILDER_VERSION, "family": family, "seed": seed,
-                      "partition": EVALUATION.name, "python": sys.version.split()[0],
-                      "command": command_line(family, n, seed, True, calibration_n), "tasks": {}}
+    manifest: dict = {
+        "builder_version": FAMILY_BUILDER_VERSION,
+        "family": family,
+        "seed": seed,
+        "partition": EVALUATION.name,
+        "python": sys.version.split()[0],
+        "command": command_line(family, n, seed, True, calibration_n),
+        "tasks": {},
+    }
     for k, (name, rows) in enumerate(tasks.items()):
         write_jsonl(out / f"{name}.jsonl", rows)
         manifest["tasks"][name] = {"seed": seed + 1 + k, "metric": rows[0]["metric"], **length_stats(rows)}
@@ -984,10 +1120,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=list(FAMILIES), required=True)
     ap.add_argument("--out", type=Path, help="directory for the evaluation <task>.jsonl files and manifest.json")
     ap.add_argument("--n", type=int, default=DEFAULT_N, help="evaluation instances per task")
-    ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed (kind k: seed + 1 + k; calibration "
-                    f"seed + {CALIBRATION_SEED_OFFSET + 1} + k)")
-    ap.add_argument("--calibration-out", type=Path, help="calibration-format JSONL (disjoint from the evaluation "
-                    "instances built with the same --n and --seed)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"base seed (kind k: seed + 1 + k; calibration seed + {CALIBRATION_SEED_OFFSET + 1} + k)",
+    )
+    ap.add_argument(
+        "--calibration-out",
+        type=Path,
+        help="calibration-format JSONL (disjoint from the evaluation instances built with the same --n and --seed)",
+    )
     ap.add_argument("--calibration-n", type=int, default=DEFAULT_CALIBRATION_N, help="calibration samples")
     args = ap.parse_args(argv)
     if args.out is None and args.calibration_out is None:
@@ -1000,8 +1143,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         write_eval(args.out, args.family, tasks, args.n, args.seed, calibration_n)
     if args.calibration_out is not None:
-        rows = build_calibration(args.family, args.calibration_n, args.seed,
-                                 [r for rs in tasks.values() for r in rs], reference)
+        rows = build_calibration(
+            args.family, args.calibration_n, args.seed, [r for rs in tasks.values() for r in rs], reference
+        )
         write_jsonl(args.calibration_out, rows)
         chars = [len(str(r["context"])) for r in rows]
         print(f"calibration: {len(rows)} samples, {min(chars)}-{max(chars)} chars", file=sys.stderr)
