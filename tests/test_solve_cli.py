@@ -82,7 +82,7 @@ def test_solve_default_out_and_baselines(app, cal, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     pyr = Plan.load(tmp_path / "plans" / "test--model" / "pyramid-snapkv" / "avg64.json")
     assert pyr.layers[0].budget > pyr.layers[-1].budget and pyr.used_budget == 64 * 4
-    assert pyr.layers[0].params == {"window": 8}
+    assert pyr.layers[0].params == {"window": 8, "kernel": 5, "pooling": "avg"}  # completed with the defaults
 
 
 @pytest.mark.parametrize(
@@ -127,3 +127,15 @@ def test_plan_validate_show_diff(app, cal, tmp_path):
     assert r.exit_code == 1 and "layers that differ" in r.output
     r = invoke(app, "plan", "show", tmp_path / "missing.json")
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_solve_reports_the_cross_check(app, cal, tmp_path):
+    r = invoke(app, "solve", "-c", cal, "--budgets", "32,64", "--out", tmp_path / "on")
+    assert r.exit_code == 0, r.output
+    assert "cross-check: the DP and the ILP agree" in r.output
+    assert Plan.load(tmp_path / "on" / "avg32.json").provenance["cross_check"] == {"ran": True, "agreed": True}
+    r = invoke(app, "solve", "-c", cal, "--budget", 32, "--out", tmp_path / "off.json", "--no-cross-check")
+    assert r.exit_code == 0 and "cross-check: off" in r.output
+    assert Plan.load(tmp_path / "off.json").provenance["cross_check"]["ran"] is False
+    r = invoke(app, "solve", "-c", cal, "--budget", 32, "--out", tmp_path / "uniform.json", "--uniform", "snapkv")
+    assert r.exit_code == 0 and "cross-check" not in r.output

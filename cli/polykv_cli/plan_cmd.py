@@ -21,6 +21,7 @@ POLICY_COLORS = {
     "random": "red",
     "expected_attention": "bright_green",
     "snapkv_forward": "green4",
+    "window": "grey62",
 }
 SPARE_COLORS = ("bright_cyan", "bright_magenta", "bright_yellow", "bright_blue", "bright_red", "orange3")
 

@@ -92,7 +92,8 @@ def register(app: typer.Typer) -> None:
             f"KV bytes: {result.kv_bytes * mb:.2f} MiB kept of {result.kv_bytes_full * mb:.2f} MiB full "
             f"({100 * result.kv_bytes / max(result.kv_bytes_full, 1):.1f}%), index {result.index_bytes * mb:.3f} MiB | "
             f"prompt {result.prompt_tokens} tok | prefill {result.prefill_s:.2f} s | decode {result.decode_s:.2f} s "
-            f"for {result.new_tokens} tok | kernels: {result.kernels} | mode: {result.mode}"
+            f"for {result.new_tokens} tok | kernels: {', '.join(f'{k} {v}' for k, v in result.kernels.items())} | "
+            f"mode: {result.mode}"
         )
 
     @app.command()

@@ -63,6 +63,23 @@ def guard_table(plans, verdicts) -> Table:
     return grid
 
 
+def cross_check_line(plans, forced: bool | None) -> str | None:
+    """One line on whether the DP and the ILP both solved the plans and agreed (None if no plan was solved)."""
+    checks = {plan.average_budget: plan.provenance["cross_check"] for plan in plans if "cross_check" in plan.provenance}
+    ran = {budget: check["agreed"] for budget, check in checks.items() if check["ran"]}
+    bad = ", ".join(f"{budget:g}" for budget, agreed in ran.items() if not agreed)
+    if not checks:
+        return None
+    if bad:
+        return f"cross-check: the DP and the ILP DISAGREE at avg {bad}; the first solver's plan was kept; please report"
+    if forced is False:
+        return "cross-check: off (--no-cross-check)"
+    if not ran:
+        return "cross-check: skipped, the problem is too large for it to be cheap (--cross-check forces it)"
+    some = "" if len(ran) == len(checks) else f" on {len(ran)} of {len(checks)} budgets (the rest too large)"
+    return f"cross-check: the DP and the ILP agree{some}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @one_line_errors
@@ -92,8 +109,25 @@ def register(app: typer.Typer) -> None:
         full_cost: int | None = typer.Option(None, "--full-cost", help="Tokens a full pin costs (default: grid max)."),
         allow_missing: bool = typer.Option(False, "--allow-missing", help="Aggregate incomplete calibrations."),
         solver: str = typer.Option("auto", "--solver", help="auto | dp | ilp."),
-        cross_check: bool = typer.Option(False, "--cross-check", help="Solve with DP and ILP and compare."),
+        cross_check: bool = typer.Option(
+            False, "--cross-check", help="Always solve with DP and ILP and compare (default: when cheap)."
+        ),
+        no_cross_check: bool = typer.Option(False, "--no-cross-check", help="Never solve with both."),
         uniform: str | None = typer.Option(None, "--uniform", help="Write the uniform plan of POLICY instead."),
+        target: str | None = typer.Option(
+            None,
+            "--target",
+            help="Solve for what an engine runs natively: hf | vllm | trtllm | llamacpp (each layer full or a "
+            "window; docs/export.md). Default output: a target-ENGINE folder; no guard.",
+        ),
+        reference_context: int | None = typer.Option(
+            None,
+            "--reference-context",
+            help="With --target: the context length the budget is KV memory at; a full layer costs this many tokens.",
+        ),
+        max_windows: int = typer.Option(
+            4, "--max-windows", help="With --target trtllm: at most K distinct windows (memory pools), full included."
+        ),
         allocation: str | None = typer.Option(
             None, "--allocation", help="Named allocation instead of solving: pyramid[:POLICY] (default snapkv)."
         ),
@@ -115,6 +149,9 @@ def register(app: typer.Typer) -> None:
             "--guard-margin",
             help="Standard errors by which another candidate must beat the solved plan to replace it.",
         ),
+        guard_objective: str = typer.Option(
+            "kl", "--guard-objective", help="Loss the guard judges by: kl (answer KL to the full cache) | nll."
+        ),
         guard_model: str | None = typer.Option(
             None, "--guard-model", help="Model to load (default: the calibration's)."
         ),
@@ -129,6 +166,8 @@ def register(app: typer.Typer) -> None:
 
         if (budget is None) == (budgets is None):
             fail("pass exactly one of --budget N or --budgets LIST")
+        if cross_check and no_cross_check:
+            fail("pass either --cross-check or --no-cross-check, not both")
         wanted = (budget,) if budget is not None else parse_budgets(budgets or "")
         kind, policy = _allocation(uniform, allocation)
         request = SolveRequest(
@@ -152,9 +191,23 @@ def register(app: typer.Typer) -> None:
             max_policies=max_policies,
             full_cost=full_cost,
             solver=solver,
-            cross_check=cross_check,
+            cross_check=True if cross_check else False if no_cross_check else None,
         )
-        plans = plans_for(replace(request, options=options), table, provenance)
+        if target is not None:
+            from polykv.solve.targets import Target, solve_target
+
+            if kind is not None:
+                fail("pass either --target or a baseline (--uniform / --allocation), not both")
+            if reference_context is None:
+                fail("--target needs --reference-context N: the context length the budget is KV memory at")
+            engine = Target(target, reference_context, max_windows)
+            plans = [solve_target(table, b, engine, options, provenance) for b in wanted]
+            kind, policy = "target", target
+            err.print("guard: not run for --target plans (its candidates are not all plans the engine runs)")
+        else:
+            if reference_context is not None:
+                fail("--reference-context applies with --target only")
+            plans = plans_for(replace(request, options=options), table, provenance)
         paths = plan_paths(table.model, wanted, out_path, kind, policy)
         verdicts = []
         if guard and kind is None:
@@ -162,7 +215,13 @@ def register(app: typer.Typer) -> None:
                 check_writable(path)  # before the guard's minutes of work
             if guard_margin < 0:
                 fail(f"--guard-margin must be >= 0, got {guard_margin}")
-            settings = GuardSettings(guard_data, guard_samples, guard_margin, guard_model)
+            settings = GuardSettings(
+                data=guard_data,
+                samples=guard_samples,
+                margin=guard_margin,
+                objective=guard_objective,
+                model=guard_model,
+            )
             guarded = guard_plans(
                 table,
                 plans,
@@ -204,6 +263,8 @@ def register(app: typer.Typer) -> None:
                 " ".join(f"{p}:{c}" for p, c in s.policy_counts.items()),
             )
         out.print(grid)
+        if line := cross_check_line(plans, options.cross_check):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
         if verdicts:
             out.print(guard_table(plans, verdicts))
         for path in paths:

@@ -50,10 +50,16 @@ class Objective:
         """The mean over samples of each plan's answer KL."""
         return self.per_sample(plans).mean(0)
 
-    @torch.no_grad()
     def per_sample(self, plans: list[list[Choice]]) -> np.ndarray:
         """(samples, plans): each sample's answer KL under each plan."""
-        out = np.zeros((len(self.samples), len(plans)))
+        return self.per_sample_losses(plans)["kl"]
+
+    @torch.no_grad()
+    def per_sample_losses(self, plans: list[list[Choice]]) -> dict[str, np.ndarray]:
+        """(samples, plans) per loss: `kl`, KL(full cache || plan) on the teacher-forced answer, and `nll`, the rise
+        of the gold answer's mean NLL over the full cache's (what the plan costs the right answer itself)."""
+        kl = np.zeros((len(self.samples), len(plans)))
+        nll = np.zeros_like(kl)
         with polykv_attention(self.model):
             for s, sample in enumerate(self.samples):
                 for start in range(0, len(plans), self.max_rows):
@@ -62,9 +68,11 @@ class Objective:
                     cache = from_kept(sample.capture.cache, kept, slack=sample.answer_in.shape[1])
                     inputs = sample.answer_in.expand(len(group), -1)
                     logits = self.model(input_ids=inputs, **with_cache(self.model, cache), use_cache=True).logits
-                    out[s, start : start + len(group)] = answer_losses(sample, logits.float())[1].cpu().numpy()
+                    row_nll, row_kl = answer_losses(sample, logits.float())
+                    kl[s, start : start + len(group)] = row_kl.cpu().numpy()
+                    nll[s, start : start + len(group)] = row_nll.cpu().numpy() - sample.full_nll
         self.evaluated += len(plans)
-        return out
+        return {"kl": kl, "nll": nll}
 
 
 def prepare_samples(

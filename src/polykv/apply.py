@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache
 from polykv.attention import forward_input, polykv_attention
 from polykv.cache import PolyKVCache
 from polykv.compat import cache_key_in
-from polykv.settings import LayerSetting, from_layer_dicts, from_plan, load_settings, uniform
+from polykv.settings import LayerSetting, capped, from_layer_dicts, from_plan, load_settings, uniform
 
 
 def num_layers(model: nn.Module) -> int:
@@ -25,24 +25,26 @@ def num_layers(model: nn.Module) -> int:
 
 
 def resolve_settings(model: nn.Module, spec) -> list[LayerSetting]:
-    """Accepts a Plan, a plan path, a list of {policy, budget, params} dicts or LayerSettings, or (policy, budget)."""
+    """Accepts a Plan, a plan path, a list of {policy, budget, params} dicts or LayerSettings, or (policy, budget).
+
+    Budgets come back as each layer holds them: at most window - 1 on a sliding layer (`settings.capped`).
+    """
+    from polykv.models import fingerprint
+
     n = num_layers(model)
+    fp = fingerprint(model.config)
     if isinstance(spec, (str, Path)):
-        from polykv.models import fingerprint
-
-        return load_settings(spec, n, fingerprint(model.config))
+        return capped(load_settings(spec, n, fp), fp)
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
-        return uniform(spec[0], int(spec[1]), n)
+        return capped(uniform(spec[0], int(spec[1]), n), fp)
     if hasattr(spec, "layers") and hasattr(spec, "check_model"):
-        from polykv.models import fingerprint
-
-        return from_plan(spec, n, fingerprint(model.config))
+        return capped(from_plan(spec, n, fp), fp)
     if isinstance(spec, Sequence) and spec and all(isinstance(s, LayerSetting) for s in spec):
         if len(spec) != n:
             raise ValueError(f"{len(spec)} layer settings for a model with {n} layers")
-        return list(spec)
+        return capped(spec, fp)
     if isinstance(spec, Sequence):
-        return from_layer_dicts(list(spec), n)
+        return capped(from_layer_dicts(list(spec), n), fp)
     raise TypeError(
         f"cannot apply {type(spec).__name__}: pass a Plan, a plan path, a list of settings or (policy, budget)"
     )

@@ -5,8 +5,11 @@ wrong shape) for every other layer. We register two attention functions, `polykv
 transformers' `AttentionInterface` (and their masks through `AttentionMaskInterface`); they delegate to the real sdpa
 or the model's own eager function and, when the layer's cache is a `PolyKVCache`:
 - on the prefill of an empty layer, use transformers' mask unchanged, then let the cache compress or record the
-  layer (so later layers see the uncompressed prefill, as in SnapKV);
-- afterwards, build this layer's own mask from the columns it kept (`PolyKVLayer.visible`).
+  layer (so later layers see the uncompressed prefill, as in SnapKV); a layer whose setting windows the attention
+  itself (`policies.window`, engine semantics) gets its own window-and-sinks mask in the prefill too;
+- afterwards, build this layer's own mask from the columns it kept (`PolyKVLayer.visible`);
+- after each call, let a sliding layer drop what no later query can attend to (`PolyKVLayer.drop_unreachable`),
+  except in a cache that records observations (a capture keeps every column for calibration to read).
 A forward pre-hook on each attention module hands the cache to the function (modules do not pass it on).
 Nothing global is patched: models not switched to these implementations are untouched.
 """
@@ -24,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from polykv import kernels
-from polykv.cache import PolyKVCache
+from polykv.cache import PolyKVCache, PolyKVLayer
 from polykv.compat import cache_in
 from polykv.shared_prefix import SharedPrefixCache, shared_prefix_attention
 
@@ -58,33 +61,68 @@ def _make_wrapper(base: str) -> Callable:
                 raise NotImplementedError("attention sinks (s_aux) are not supported by a shared-prefix batch")
             scaling = softmax_scale(query, kwargs.get("scaling"))
             layer = cache.layers[module.layer_idx]
+            kernels.note("decode" if query.shape[2] == 1 else "chunk", "torch shared-prefix")
             return shared_prefix_attention(layer, query, scaling, kwargs.get("softcap")), None
+        if base == "sdpa" and kwargs.get("s_aux") is not None:
+            raise RuntimeError(
+                "this model has attention sinks (s_aux), which transformers' sdpa ignores; "
+                "load it with attn_implementation='eager'"
+            )
         layer = cache.layers[module.layer_idx]
         if layer.fresh:
-            out = fn(module, query, key, value, attention_mask, **kwargs)
+            kernels.note("prefill", f"torch {base}")
+            if layer.span is None:
+                out = fn(module, query, key, value, attention_mask, **kwargs)
+            else:
+                visible = span_prefill_mask(layer, query, cache.column_valid)
+                out = _attend(fn, base, module, query, key, value, visible, kwargs)
             cache_after_prefill(cache, module.layer_idx, query, kwargs.get("scaling"), kwargs.get("softcap"))
-            return out
-        if cache.observer is not None:
-            cache.observer.record_chunk(module.layer_idx, query)
-        q_len = query.shape[2]
-        q_cols = torch.arange(layer.seen - q_len, layer.seen, device=query.device)
-        visible = layer.visible(q_cols, cache.column_valid)
-        if visible is None and q_len == 1 and kernels.routes_to_triton(key):
-            return _decode_kernel(query, key, value, kwargs), None
-        if visible is not None and q_len == 1 and kwargs.get("s_aux") is None:
-            return _masked_decode(query, key, value, visible, kwargs), None
-        if visible is not None:
-            groups = query.shape[1] // key.shape[1]
-            if visible.shape[1] > 1 and groups > 1:
-                visible = visible.repeat_interleave(groups, dim=1)
-            if base == "eager":
-                visible = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
-                    ~visible, torch.finfo(query.dtype).min
-                )
-        return fn(module, query, key, value, visible, **kwargs)
+        else:
+            if cache.observer is not None:
+                cache.observer.record_chunk(module.layer_idx, query)
+            q_cols = torch.arange(layer.seen - query.shape[2], layer.seen, device=query.device)
+            out = _attend(fn, base, module, query, key, value, layer.visible(q_cols, cache.column_valid), kwargs)
+        if cache.observer is None:  # a recording cache keeps every column; one that serves drops what is out of reach
+            layer.drop_unreachable()
+        return out
 
     polykv_attention.__name__ = f"polykv_{base}"
     return polykv_attention
+
+
+def _attend(fn, base: str, module, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, kwargs: dict):
+    """Attention of the new queries over every stored token of a layer, under its own visibility mask (or None).
+
+    One-token steps take the flash-decoding kernel (unmasked layers on the Triton backend) or the grouped masked
+    torch path; calls with attention sinks (`s_aux`, a learned per-head logit in every softmax, gpt-oss) take the
+    model's own function, which adds them: neither fast path implements sinks.
+    """
+    q_len = query.shape[2]
+    sinks = kwargs.get("s_aux") is not None
+    if visible is None and q_len == 1 and not sinks and kernels.routes_to_triton(key):
+        return _decode_kernel(query, key, value, kwargs), None
+    if visible is not None and q_len == 1 and not sinks:
+        kernels.note("decode", "torch masked")
+        return _masked_decode(query, key, value, visible, kwargs), None
+    kernels.note("decode" if q_len == 1 else "chunk", f"torch {base}")
+    if visible is not None:
+        groups = query.shape[1] // key.shape[1]
+        if visible.shape[1] > 1 and groups > 1:
+            visible = visible.repeat_interleave(groups, dim=1)
+        if base == "eager":
+            visible = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~visible, torch.finfo(query.dtype).min
+            )
+    return fn(module, query, key, value, visible, **kwargs)
+
+
+def span_prefill_mask(layer: PolyKVLayer, query: Tensor, column_valid: Tensor | None) -> Tensor:
+    """(B, 1, q, T) prefill mask of a layer with a span: each query sees its window and its row's sinks, as an
+    engine prefills a sliding-window layer; a padding query also sees itself, so that no softmax row is empty."""
+    layer.start_span(query.shape[0], column_valid, query.device)
+    q_cols = torch.arange(layer.seen - query.shape[2], layer.seen, device=query.device)
+    itself = q_cols.view(1, 1, -1, 1) == layer.columns[:, :1].unsqueeze(-2)
+    return layer.visible(q_cols, column_valid) | itself
 
 
 def _decode_kernel(query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> Tensor:
@@ -113,9 +151,11 @@ def cache_after_prefill(cache: PolyKVCache, layer_idx: int, query: Tensor, scali
     setting = cache.settings[layer_idx] if cache.settings is not None else None
     if cache.observer is None and setting is None:
         return
+    device = layer.keys.device  # this layer's, not the input's: with a device_map the layers span devices
     valid = cache.column_valid
     if valid is None:
-        valid = torch.ones(query.shape[0], layer.seen, dtype=torch.bool, device=query.device)
+        valid = torch.ones(query.shape[0], layer.seen, dtype=torch.bool, device=device)
+    valid = valid.to(device)
     scaling = softmax_scale(query, scaling)
     if cache.observer is not None:
         cache.observer.record(layer_idx, layer, query, scaling, softcap, valid)
@@ -127,7 +167,7 @@ def cache_after_prefill(cache: PolyKVCache, layer_idx: int, query: Tensor, scali
             scaling,
             softcap,
             valid,
-            window=setting.policy.queries_needed(),
+            queries=setting.policy.queries_needed(),
             cumulative=setting.policy.needs_cumulative,
         )
         layer.keep(setting.kept_indices(obs))

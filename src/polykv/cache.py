@@ -5,7 +5,14 @@ keys, so a kept key needs nothing else), so layers may hold different numbers of
 set. Because the layers are ragged, the single attention mask that transformers builds for all layers cannot be
 right for every layer; `polykv.attention` builds each layer's mask from the columns stored here instead:
 key j is visible to query column c iff its column is <= c, the column is not padding, the entry is real (not filler
-in a ragged batch) and, for sliding-window layers, c - column < window.
+in a ragged batch) and, for sliding-window layers, c - column < window. A sliding layer also drops, after each
+forward, the tokens no later query can attend to (`polykv.sliding`), so it never holds more than window - 1.
+
+A layer whose setting windows the attention itself (`policies.window`: engine semantics) carries a *span*: per
+row, a window and the column before which tokens are sinks (the row's first `sinks` real tokens). Its mask is
+c - column < window or column a sink, in the prefill too (`polykv.attention`); rows of one batch may have different
+spans (a stacked eval batch, a calibration batch of options). It drops what falls behind the window, sinks
+excepted, once `SPAN_SLACK` such tokens have gathered (one gather, instead of a copy per decoded token).
 
 `get_seq_length()` is the logical length (columns seen), so new tokens get the right positions and the caller's
 2-D attention mask keeps its usual meaning.
@@ -19,31 +26,48 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from polykv.sliding import reach
+
+#: out-of-window tokens a spanned layer lets gather before it drops them
+SPAN_SLACK = 64
+#: the window of a row that has none in a spanned layer (a column distance no sequence reaches)
+NO_WINDOW = 2**62
+
 
 def append_tokens(buffer: Tensor | None, stored: Tensor, new: Tensor) -> tuple[Tensor, Tensor]:
     """`stored` followed by `new` along the sequence (dim 2): (the buffer holding them, a view of its filled part).
 
     Decoding appends a token per step; copying the whole cache each time would cost O(length) per token. So entries
-    live in a buffer with slack: when `stored` is the start of `buffer` (a view of it, or empty) and the buffer has
-    room, `new` is written in place; otherwise a fresh buffer of the filled size plus max(64, 1/8 of it) is allocated
-    and `stored` copied into it. A tensor set from elsewhere (compression, stacking) is thus never written through,
-    so buffers are never shared between layers.
+    live in a buffer with slack: when `stored` is a slice of `buffer` along the sequence (a sliding layer's view
+    moves forward as it drops old tokens) and the buffer has room after it, `new` is written in place; otherwise a
+    fresh buffer of the filled size plus max(64, 1/8 of it) is allocated and `stored` copied to its start. A tensor
+    set from elsewhere (compression, stacking) is thus never written through, so buffers are never shared between
+    layers, and writes only ever go past the end of the view.
     """
     n, m = stored.shape[2], new.shape[2]
-    fits = (
-        buffer is not None
-        and buffer.shape[2] >= n + m
-        and buffer.shape[:2] == stored.shape[:2]
-        and buffer.shape[3:] == stored.shape[3:]
-        and (n == 0 or buffer.data_ptr() == stored.data_ptr())
-    )
-    if not fits:
+    start = _slice_start(buffer, stored)
+    if start is None or start + n + m > buffer.shape[2]:
         shape = list(stored.shape)
         shape[2] = n + m + max(64, (n + m) // 8)
-        buffer = stored.new_empty(shape)
+        buffer, start = stored.new_empty(shape), 0
         buffer[:, :, :n] = stored
-    buffer[:, :, n : n + m] = new
-    return buffer, buffer[:, :, : n + m]
+    buffer[:, :, start + n : start + n + m] = new
+    return buffer, buffer[:, :, start : start + n + m]
+
+
+def _slice_start(buffer: Tensor | None, view: Tensor) -> int | None:
+    """Where `view` starts along dim 2 of `buffer` when it is `buffer[:, :, s : s + n]`, else None."""
+    if (
+        buffer is None
+        or buffer.shape[:2] != view.shape[:2]
+        or buffer.shape[3:] != view.shape[3:]
+        or buffer.dtype != view.dtype
+        or view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        or (view.shape[2] > 0 and view.stride() != buffer.stride())
+    ):
+        return None
+    start, rest = divmod(view.storage_offset() - buffer.storage_offset(), buffer.stride(2))
+    return start if rest == 0 and 0 <= start and start + view.shape[2] <= buffer.shape[2] else None
 
 
 class SeenColumnsLayer(CacheLayerMixin):
@@ -79,6 +103,40 @@ class PolyKVLayer(SeenColumnsLayer):
         self.fresh = False
         self.compressed = False
         self._buffers: dict[str, Tensor] = {}
+        #: a column that some row/head's first entry is at or after (None: unknown), so `drop_unreachable` can
+        #: skip reading the columns back while nothing can be dropped
+        self._front: int | None = None
+        #: every row and head holds exactly the real columns _front .. seen - 1 (a plain sliding layer), so
+        #: `drop_unreachable` knows what to drop without reading the columns back
+        self._dense = False
+        #: (window, sinks) the layer's setting imposes on its attention, before its rows are known (`start_span`)
+        self.span: tuple[int, int] | None = None
+        #: per row (B,): the window of a spanned layer, and the column below which the row's tokens are sinks
+        self.row_window: Tensor | None = None
+        self.sink_end: Tensor | None = None
+
+    def start_span(self, batch: int, column_valid: Tensor | None, device) -> None:
+        """Turn `span` into per-row tensors for a batch of `batch` rows (`column_valid` (B, T) marks left padding:
+        a row's sinks are its first real tokens). The window never exceeds the layer's own sliding window."""
+        window, sinks = self.span
+        if self.sliding_window is not None:
+            window = min(window, self.sliding_window)
+        self.row_window = torch.full((batch,), window, dtype=torch.long, device=device)
+        first = torch.zeros(batch, dtype=torch.long, device=device)
+        if column_valid is not None and sinks:
+            first = column_valid.to(device=device, dtype=torch.int32).argmax(1).long()
+        self.sink_end = first + sinks
+
+    def row_spans(self, batch: int) -> tuple[Tensor, Tensor]:
+        """(row_window, sink_end) of every row; rows without a span get the layer's own window and no sinks."""
+        if self.row_window is not None:
+            return self.row_window, self.sink_end
+        device = self.keys.device if self.keys is not None else None
+        window = self.sliding_window or NO_WINDOW
+        return (
+            torch.full((batch,), window, dtype=torch.long, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -94,6 +152,7 @@ class PolyKVLayer(SeenColumnsLayer):
         self.fresh = self.keys is None
         if self.fresh:
             self.keys, self.values, self.columns = key_states, value_states, cols.contiguous()
+            self._front, self._dense = self.seen, True
         else:
             self._append("keys", key_states)
             self._append("values", value_states)
@@ -120,6 +179,70 @@ class PolyKVLayer(SeenColumnsLayer):
             self.entry_valid = entry_valid if self.entry_valid is None else self.entry_valid & entry_valid
         self.uniform_heads = bool((indices == indices[:, :1]).all())
         self.compressed = True
+        self._front, self._dense = None, False
+
+    def drop_unreachable(self) -> None:
+        """On a sliding layer, drop the stored tokens that no query from column `seen` on can attend to.
+
+        Only a leading run of entries that is out of reach (or filler) in every row and KV head is dropped, so the
+        layer stays rectangular; each row's real entries ascend by column, so once heads agree that run is all of
+        them, and anything left out of reach is masked by `visible`. The views advance inside their buffers, so
+        dropping copies nothing; the columns are read back (one sync) only when something may have left the window
+        and the layer is not a plain run of consecutive columns.
+        """
+        if self.row_window is not None:
+            return self._drop_outside_span()
+        if self.sliding_window is None or not self.kept_tokens:
+            return
+        first = self.seen - reach(self.sliding_window)  # the oldest column still reachable
+        if self._front is not None and self._front >= first:
+            return
+        if self._dense:
+            self._drop_first(min(first - self._front, self.kept_tokens))
+            self._front = first if self.kept_tokens else None
+            self._dense = self.kept_tokens > 0
+            return
+        cols = self.columns
+        out = cols < first
+        if self.entry_valid is not None:
+            out = out | ~self.entry_valid
+        runs = out.to(torch.int32).cumprod(-1).sum(-1)  # (B, Hkv) leading out-of-reach entries per row and head
+        drop = runs.min()
+        after = cols.gather(-1, drop.clamp_max(self.kept_tokens - 1).long().expand(*runs.shape, 1))[..., 0]
+        front = torch.where(runs == drop, after, torch.full_like(after, -1)).max()
+        dense = (
+            (cols[..., 1:] - cols[..., :-1] == 1).all() & (cols[..., :1] == cols[:1, :1, :1]).all()
+            if self.entry_valid is None
+            else torch.zeros((), dtype=torch.bool, device=cols.device)
+        ) & (cols[..., -1] == self.seen - 1).all()
+        drop, front, dense = torch.stack([drop.to(front.dtype), front, dense.to(front.dtype)]).tolist()
+        self._drop_first(drop)
+        # some row/head now starts at column `front`, reachable until `first` passes it (dense: every one does)
+        self._front = front if self.kept_tokens else None
+        self._dense = bool(dense) and self.kept_tokens > 0
+
+    def _drop_first(self, count: int) -> None:
+        """Drop the first `count` entries of every row and head (the views move forward in their buffers)."""
+        if count > 0:
+            for name in ("keys", "values", "columns", "entry_valid"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name)[:, :, count:])
+
+    def _drop_outside_span(self) -> None:
+        """Drop, once `SPAN_SLACK` (or 1/8 of the layer) have gathered in every row and head, the tokens behind each
+        row's window that are not sinks (filler too): the first that many of each row and head, by one gather."""
+        if not self.kept_tokens:
+            return
+        first = self.seen - (self.row_window - 1).clamp_min(1)  # per row, the oldest column still reachable
+        out = (self.columns < first[:, None, None]) & (self.columns >= self.sink_end[:, None, None])
+        if self.entry_valid is not None:
+            out = out | ~self.entry_valid
+        n = int(out.sum(-1).min())
+        if n < max(SPAN_SLACK, self.kept_tokens // 8):
+            return
+        drop = out & (out.cumsum(-1) <= n)
+        order = torch.sort(drop.to(torch.int8), dim=-1, stable=True).indices[..., : self.kept_tokens - n]
+        self.keep(torch.sort(order, dim=-1).values)
 
     @property
     def kept_tokens(self) -> int:
@@ -127,21 +250,27 @@ class PolyKVLayer(SeenColumnsLayer):
 
     @property
     def full_tokens(self) -> int:
-        """Tokens a plain transformers cache would hold for this layer now."""
-        return min(self.seen, self.sliding_window - 1) if self.sliding_window else self.seen
+        """Tokens a plain transformers cache would hold for this layer now (window - 1 at most on a sliding one)."""
+        return min(self.seen, reach(self.sliding_window)) if self.sliding_window else self.seen
 
     def bytes_per_token(self) -> int:
+        """Bytes one stored token costs over the batch and KV heads: its key plus its value, each at its own head dim
+        and dtype (V's head dim may differ from K's, as in MLA). Kept entries own their storage (`keep` copies), so
+        this times `kept_tokens` is the memory the layer holds right after compression."""
         if self.keys is None:
             return 0
-        batch, heads, _, dim = self.keys.shape
-        return 2 * batch * heads * dim * self.keys.element_size()
+        return sum(t.shape[0] * t.shape[1] * t.shape[3] * t.element_size() for t in (self.keys, self.values))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
+        self._front, self._dense = None, False
         if self.columns is not None:
             self.columns = self.columns.index_select(0, beam_idx.to(self.columns.device))
         if self.entry_valid is not None:
             self.entry_valid = self.entry_valid.index_select(0, beam_idx.to(self.entry_valid.device))
+        if self.row_window is not None:
+            self.row_window = self.row_window.index_select(0, beam_idx.to(self.row_window.device))
+            self.sink_end = self.sink_end.index_select(0, beam_idx.to(self.sink_end.device))
 
     def visible(self, query_columns: Tensor, column_valid: Tensor | None) -> Tensor | None:
         """(B, Hkv or 1, q, N) bool visibility of the stored tokens for the given query columns, or None if all."""
@@ -152,18 +281,21 @@ class PolyKVLayer(SeenColumnsLayer):
             or column_valid is not None
             or self.entry_valid is not None
             or self.sliding_window is not None
+            or self.row_window is not None
         )
         if not need:
             return None
         q = query_columns.view(1, 1, -1, 1)
         k = cols.unsqueeze(-2).long()
         vis = k <= q
-        if self.sliding_window is not None:
+        if self.row_window is not None:
+            near = (q - k < self.row_window.view(-1, 1, 1, 1)) | (k < self.sink_end.view(-1, 1, 1, 1))
+            vis = vis & near
+        elif self.sliding_window is not None:
             vis = vis & (q - k < self.sliding_window)
-        if column_valid is not None:
-            vis = vis & torch.gather(column_valid, 1, cols.reshape(cols.shape[0], -1).long()).view(
-                cols.shape[0], heads, 1, -1
-            )
+        if column_valid is not None:  # kept on the input's device; this layer may sit on another (device_map)
+            valid = column_valid.to(cols.device)
+            vis = vis & torch.gather(valid, 1, cols.reshape(cols.shape[0], -1).long()).view(cols.shape[0], heads, 1, -1)
         if self.entry_valid is not None:
             ev = self.entry_valid if not self.uniform_heads else self.entry_valid[:, :1]
             if ev.shape[1] != heads:
@@ -174,7 +306,8 @@ class PolyKVLayer(SeenColumnsLayer):
 
 @dataclass
 class CacheStats:
-    """Exact accounting of one cache: per layer kept and full tokens, and K+V bytes kept vs full."""
+    """Exact accounting of one cache: per layer kept and full tokens, and K+V bytes kept vs full (K and V each at
+    their own head dim and dtype)."""
 
     kept_tokens: list[int] = field(default_factory=list)
     full_tokens: list[int] = field(default_factory=list)
@@ -209,6 +342,8 @@ class PolyKVCache(Cache):
         layers = [PolyKVLayer(window if t == "sliding_attention" else None) for t in types]
         if settings is not None and len(settings) != len(layers):
             raise ValueError(f"{len(settings)} layer settings for a model with {len(layers)} layers")
+        for layer, setting in zip(layers, settings or [], strict=False):
+            layer.span = None if setting is None else setting.policy.attention_span(setting.budget)
         return cls(layers, settings=settings, observer=observer)
 
     def track_padding(self, attention_mask: Tensor | None, new_tokens: int, batch: int, device) -> None:
@@ -285,5 +420,9 @@ def stack(caches: list[PolyKVCache], slack: int = 0) -> PolyKVCache:
             setattr(dst, name, dst._buffers[name][:, :, :width])
         cols = dst.columns
         dst.uniform_heads = bool((cols == cols[:, :1]).all())
+        if any(layer.row_window is not None for layer in per_row):
+            spans = [layer.row_spans(1) for layer in per_row]
+            dst.row_window = torch.cat([w for w, _ in spans])
+            dst.sink_end = torch.cat([e for _, e in spans])
         layers.append(dst)
     return PolyKVCache(layers)

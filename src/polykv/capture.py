@@ -57,7 +57,12 @@ class Capture:
         return self.observer.observations[layer_idx]
 
     def compress(self, settings: list[LayerSetting | None]) -> PolyKVCache:
-        """A new compressed cache (None = keep the layer whole); the capture itself is left unchanged."""
+        """A new compressed cache; the capture itself is left unchanged.
+
+        None keeps a layer as a plain cache would: whole, or on a sliding layer the tokens it can still attend to.
+        A `window` setting keeps its sinks and window and masks every later step by them, but its prefill was the
+        capture's full one: only compression during prefill (`polykv.apply`) windows the prefill itself.
+        """
         if len(settings) != self.num_layers:
             raise ValueError(f"{len(settings)} settings for a capture of {self.num_layers} layers")
         layers = []
@@ -78,8 +83,20 @@ class Capture:
                         f"policy {setting.policy.name} needs cumulative attention; capture with cumulative=True"
                     )
                 dst.keep(setting.kept_indices(obs))
+                if setting.span is not None:  # the window slides on from here; the capture's prefill stays full
+                    dst.span = setting.span
+                    dst.start_span(src.keys.shape[0], self.cache.column_valid, src.keys.device)
+            else:
+                dst.drop_unreachable()
             layers.append(dst)
         out = PolyKVCache(layers)
+        out.column_valid = self.cache.column_valid
+        return out
+
+    def uncompressed(self) -> PolyKVCache:
+        """A copy holding every captured column, even those sliding layers can no longer attend to (calibration
+        teacher-forces answers over it and reads their attention back over the whole prompt)."""
+        out = PolyKVCache([clone_layer(layer) for layer in self.cache.layers])
         out.column_valid = self.cache.column_valid
         return out
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from polykv.canonical import canonical_json
 from polykv.errors import DataError
 
 FIELDS = ("id", "category", "context", "question", "answers")
@@ -171,6 +172,10 @@ def load_hf_dataset(spec: str, split: str = "test", limit: int | None = None) ->
 
 
 def data_hash(samples: Iterable[Sample]) -> str:
-    """First 16 hex digits of the sha256 of the samples as canonical JSON (order-sensitive, key-sorted)."""
-    payload = json.dumps([asdict(s) for s in samples], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """First 16 hex digits of the sha256 of the samples as RFC 8785 canonical JSON, UTF-8 (order-sensitive).
+
+    For samples (strings only) this is byte for byte the sorted, unescaped `json.dumps` text hashed before, so
+    stored data hashes keep matching.
+    """
+    payload = canonical_json([asdict(s) for s in samples])
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

@@ -32,9 +32,15 @@ from polykv.solve.constraints import SolveOptions
 #: Another candidate replaces the solved plan only if its loss is lower by more than this many standard errors of
 #: the paired per-sample difference: a prior choice (about a one-sided 84 % level), not tuned on any result.
 MARGIN = 1.0
-OBJECTIVE = "mean KL(full || plan) over teacher-forced held-out answers, all layers compressed"
+#: The losses the guard can judge by (`polykv solve --guard-objective`), each with the line its provenance records.
+OBJECTIVES = {
+    "kl": "mean KL(full || plan) over teacher-forced held-out answers, all layers compressed",
+    "nll": "mean rise of the gold answer's NLL over the full cache's, teacher-forced held-out answers, all layers "
+    "compressed",
+}
+DEFAULT_OBJECTIVE = "kl"
 
-Measure = Callable[[Sequence[Plan]], np.ndarray]  # plans -> (samples, plans) answer KL
+Measure = Callable[[Sequence[Plan]], np.ndarray]  # plans -> (samples, plans) answer loss
 
 
 def choices(plan: Plan) -> list[tuple[str, int]]:
@@ -64,6 +70,7 @@ class Verdict:
     samples: int
     data_hash: str | None = None
     margin: float = 1.0
+    objective: str = DEFAULT_OBJECTIVE
 
     @property
     def best_uniform(self) -> str | None:
@@ -74,7 +81,7 @@ class Verdict:
         """The record a written plan carries under `provenance.guard` (deterministic, JSON-ready)."""
         best = self.best_uniform
         return {
-            "objective": OBJECTIVE,
+            "objective": OBJECTIVES[self.objective],
             "samples": self.samples,
             "data_hash": self.data_hash,
             "chosen": self.chosen,
@@ -97,7 +104,11 @@ def clearly_below(per_sample: np.ndarray, i: int, ref: int, margin: float) -> bo
 
 
 def judge(
-    per_sample: np.ndarray, names: Sequence[str], data_hash: str | None = None, margin: float = MARGIN
+    per_sample: np.ndarray,
+    names: Sequence[str],
+    data_hash: str | None = None,
+    margin: float = MARGIN,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> Verdict:
     """The candidate to write: the first one (the solved plan) unless others are clearly better (`clearly_below`
     with `margin`), then the one of those with the least mean loss (ties go to the earlier name).
@@ -115,11 +126,15 @@ def judge(
     if uniform:
         best = min(uniform, key=lambda i: means[i])
         wins = {n: int((per_sample[:, i] < per_sample[:, best]).sum()) for i, n in enumerate(names) if i != best}
-    return Verdict(losses, wins, chosen, int(per_sample.shape[0]), data_hash, margin)
+    return Verdict(losses, wins, chosen, int(per_sample.shape[0]), data_hash, margin, objective)
 
 
 def guard(
-    candidates: Mapping[str, Plan], measure: Measure, data_hash: str | None = None, margin: float = MARGIN
+    candidates: Mapping[str, Plan],
+    measure: Measure,
+    data_hash: str | None = None,
+    margin: float = MARGIN,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> tuple[Plan, Verdict]:
     """Measure each distinct candidate once, keep the best one, and record the verdict in its provenance.
 
@@ -131,13 +146,17 @@ def guard(
     column = {tuple(choices(pool[n])): i for i, n in enumerate(unique)}
     names = list(candidates)
     per_sample = measured[:, [column[tuple(choices(candidates[n]))] for n in names]]
-    verdict = judge(per_sample, names, data_hash, margin)
+    verdict = judge(per_sample, names, data_hash, margin, objective)
     chosen = candidates[verdict.chosen]
     return replace(chosen, provenance={**chosen.provenance, "guard": verdict.provenance()}), verdict
 
 
 def guard_all(
-    frontier: Sequence[Mapping[str, Plan]], measure: Measure, data_hash: str | None = None, margin: float = MARGIN
+    frontier: Sequence[Mapping[str, Plan]],
+    measure: Measure,
+    data_hash: str | None = None,
+    margin: float = MARGIN,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> list[tuple[Plan, Verdict]]:
     """`guard` for several budgets with one measurement call (one batch of rows per sample for all of them)."""
     pools = [distinct(c) for c in frontier]
@@ -148,7 +167,7 @@ def guard_all(
         width = len(pool)
         block = per_sample[:, start : start + width]
         start += width
-        out.append(guard(candidates, lambda _plans, block=block: block, data_hash, margin))
+        out.append(guard(candidates, lambda _plans, block=block: block, data_hash, margin, objective))
     return out
 
 
@@ -188,13 +207,18 @@ def default_data_path() -> Path:
 
 
 def model_measure(
-    loaded, items: Sequence, max_context: int | None, on_sample: Callable[[int], None] | None = None
+    loaded,
+    items: Sequence,
+    max_context: int | None,
+    on_sample: Callable[[int], None] | None = None,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> Measure:
-    """Prefill each item once and return the measurement the guard needs: plans -> (samples, plans) answer KL."""
+    """Prefill each item once and return the measurement the guard needs: plans -> (samples, plans) loss, the
+    `objective` named in `OBJECTIVES`."""
     from polykv.answer_loss import Objective, prepare_samples
 
-    objective = Objective(loaded.model, prepare_samples(loaded, list(items), max_context, on_sample))
-    return lambda plans: objective.per_sample([choices(p) for p in plans])
+    losses = Objective(loaded.model, prepare_samples(loaded, list(items), max_context, on_sample))
+    return lambda plans: losses.per_sample_losses([choices(p) for p in plans])[objective]
 
 
 @dataclass(frozen=True)
@@ -204,9 +228,14 @@ class GuardSettings:
     data: Path | None = None  # JSONL of samples; None: the shipped held-out set
     samples: int = 8
     margin: float = MARGIN
+    objective: str = DEFAULT_OBJECTIVE
     model: str | None = None  # None: the model the calibration names
     device: str | None = None
     dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown guard objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
 def guard_plans(
@@ -241,9 +270,9 @@ def guard_plans(
         )
     log(f"guard: {len(items)} held-out samples from {path}")
     max_context = (metadata.get("settings") or {}).get("max_context")
-    measure = model_measure(loaded, items, max_context)
+    measure = model_measure(loaded, items, max_context, objective=settings.objective)
     frontier = [guard_candidates(table, int(p.average_budget), p, options, calibration) for p in plans]
-    return guard_all(frontier, measure, data_hash(items), settings.margin)
+    return guard_all(frontier, measure, data_hash(items), settings.margin, settings.objective)
 
 
 def _round(x: float | None) -> float | None:

@@ -8,10 +8,10 @@ Budget unit. A layer's budget is always in tokens (kept per KV head). What the p
 - "tokens" when every layer has the same KV heads and head dim and no layer slides: cost = budget, and
   total_budget = average_budget x num_layers;
 - "bytes" otherwise: cost of layer l = 2 (K and V) x num_kv_heads[l] x head_dim[l] x 2 bytes (a 16-bit cache) x
-  min(budget, window) where window is the sliding window on sliding layers (they never hold more) and unbounded
-  elsewhere. total_budget is the cost of the uniform plan at average_budget, so average_budget keeps meaning
-  "tokens per layer" and the uniform plan is always within budget. The element size only scales both sides of the
-  constraint, so the same plan is right for any cache dtype.
+  min(budget, window - 1) on sliding layers (what they can still attend to, `polykv.sliding`; they never hold
+  more) and x budget elsewhere. total_budget is the cost of the uniform plan at average_budget, so average_budget
+  keeps meaning "tokens per layer" and the uniform plan is always within budget. The element size only scales both
+  sides of the constraint, so the same plan is right for any cache dtype.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from polykv.canonical import canonical_json
 from polykv.errors import PlanError, PlanMismatchError
 from polykv.io import atomic_write_text
+from polykv.policy_params import complete_params, params_problem
+from polykv.sliding import reach
 
 SCHEMA_VERSION = 1
 BYTES_PER_ELEMENT = 2
@@ -34,9 +37,47 @@ FINGERPRINT_KEYS = ("model_type", "num_layers", "num_kv_heads", "head_dim", "lay
 
 
 def fingerprint_hash(fp: dict) -> str:
-    """Short stable id of a fingerprint: sha256 of its canonical JSON (sorted keys, no spaces), first 12 hex chars."""
+    """Short stable id of a fingerprint: sha256 of its RFC 8785 canonical JSON (UTF-8), first 12 hex chars."""
+    return hashlib.sha256(canonical_json(fp).encode("utf-8")).hexdigest()[:12]
+
+
+def legacy_fingerprint_hash(fp: dict) -> str:
+    """The fingerprint hash of plans and calibrations written before `fingerprint_hash` followed RFC 8785 (Python's
+    sorted, ASCII-escaped JSON). Both agree on every fingerprint whose strings are ASCII (every model so far)."""
     text = json.dumps(fp, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def fingerprint_hash_matches(fp: dict, stored: Any) -> bool:
+    """Whether a stored fingerprint hash belongs to `fp` (the RFC 8785 hash, or the legacy one of older files)."""
+    try:
+        current = fingerprint_hash(fp)
+    except (TypeError, ValueError):  # a value canonical JSON cannot hold (e.g. an integer beyond a double)
+        current = None
+    return stored == current or stored == legacy_fingerprint_hash(fp)
+
+
+def plan_hash(layers: list[dict], fingerprint: dict, schema_version: int = SCHEMA_VERSION) -> str:
+    """The id of what a plan makes a runtime do: first 16 hex chars of the sha256 of the RFC 8785 canonical JSON of
+    {"fingerprint", "layers": [{"layer", "policy", "budget", "params"}], "schema_version"}, params complete.
+
+    Provenance, predicted losses and the budget totals are left out: two plans that compress a model the same way
+    share a hash, and an empty `params` hashes like the same defaults written out (docs/plan-spec.md).
+    """
+    content = {
+        "schema_version": schema_version,
+        "fingerprint": fingerprint,
+        "layers": [
+            {
+                "layer": lp["layer"],
+                "policy": lp["policy"],
+                "budget": lp["budget"],
+                "params": complete_params(lp["policy"], lp.get("params", {})),
+            }
+            for lp in layers
+        ],
+    }
+    return hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()[:16]
 
 
 def describe_fingerprint(fp: dict) -> str:
@@ -72,7 +113,7 @@ class CostModel:
         check_fingerprint(fp)
         n = fp["num_layers"]
         window = fp["sliding_window"]
-        caps = tuple(window if ("sliding" in t and window) else None for t in fp["layer_types"])
+        caps = tuple(reach(window) if ("sliding" in t and window) else None for t in fp["layer_types"])
         geometry = {(h, d) for h, d in zip(fp["num_kv_heads"], fp["head_dim"], strict=True)}
         if len(geometry) == 1 and all(c is None for c in caps):
             return cls("tokens", (1,) * n, caps)
@@ -86,7 +127,7 @@ class CostModel:
         return len(self.per_token)
 
     def effective(self, layer: int, budget: int) -> int:
-        """Tokens the layer actually holds at `budget` (sliding layers stop at their window)."""
+        """Tokens the layer actually holds at `budget` (sliding layers stop at window - 1, `polykv.sliding`)."""
         cap = self.caps[layer]
         return budget if cap is None else min(budget, cap)
 
@@ -103,13 +144,20 @@ class CostModel:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer's setting: keep `budget` tokens per KV head chosen by `policy` with `params`."""
+    """One layer's setting: keep `budget` tokens per KV head chosen by `policy` with `params`.
+
+    `params` always holds the policy's full parameter set: parameters left out (an empty dict) get their defaults
+    from the policy-parameter schema, so a plan never depends on the code's defaults of the day.
+    """
 
     layer: int
     policy: str
     budget: int
     params: dict
     predicted_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", complete_params(self.policy, self.params))
 
 
 def _round(x: float | None) -> float | None:
@@ -180,6 +228,9 @@ class Plan:
     layers: list[LayerPlan]
     predicted_loss: float | None
     provenance: dict = field(default_factory=dict)
+    #: the serving engine the plan was solved for (`polykv solve --target`): {"engine", "reference_context",
+    #: "max_windows"}; None for plans any runtime of PolyKV's own applies (and for every plan written before)
+    target: dict | None = None
 
     @property
     def cost_model(self) -> CostModel:
@@ -194,6 +245,14 @@ class Plan:
     @property
     def fingerprint_hash(self) -> str:
         return fingerprint_hash(self.fingerprint)
+
+    @property
+    def plan_hash(self) -> str:
+        """See `plan_hash`: the same for every plan that compresses this model the same way."""
+        layers = [
+            {"layer": lp.layer, "policy": lp.policy, "budget": lp.budget, "params": lp.params} for lp in self.layers
+        ]
+        return plan_hash(layers, self.fingerprint, self.schema_version)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict in the file's key order (derived fields included)."""
@@ -220,6 +279,7 @@ class Plan:
             ],
             "fingerprint": _canonical(self.fingerprint),
             "provenance": _canonical(self.provenance),
+            **({"target": _canonical(self.target)} if self.target is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -265,6 +325,7 @@ class Plan:
             ],
             predicted_loss=_float(d["predicted_loss"]),
             provenance=d["provenance"],
+            target=d.get("target"),
         )
 
     @classmethod
@@ -350,10 +411,14 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
     fp = d["fingerprint"]
     check_fingerprint(fp)
     n = fp["num_layers"]
-    if "fingerprint_hash" in d and d["fingerprint_hash"] != fingerprint_hash(fp):
+    if "fingerprint_hash" in d and not fingerprint_hash_matches(fp, d["fingerprint_hash"]):
+        try:
+            expected = fingerprint_hash(fp)
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"fingerprint cannot be hashed ({exc}); regenerate the fingerprint") from None
         raise PlanError(
             f"fingerprint_hash {d['fingerprint_hash']} does not match the fingerprint "
-            f"({fingerprint_hash(fp)}); the fingerprint was edited, regenerate the plan"
+            f"({expected}); the fingerprint was edited, regenerate the plan"
         )
     layers = d["layers"]
     if len(layers) != n:
@@ -361,6 +426,9 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
     for i, lp in enumerate(layers):
         if lp["layer"] != i:
             raise PlanError(f"layers[{i}] has layer {lp['layer']}; layers must be listed in order 0..{n - 1}")
+        problem = params_problem(lp["policy"], lp["params"])
+        if problem is not None:
+            raise PlanError(f"layers/{i}: {problem}; fix the parameters or re-solve the plan")
     cm = CostModel.for_fingerprint(fp)
     if d["budget_unit"] != cm.unit:
         raise PlanError(
@@ -385,7 +453,7 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
 
 
 def uniform_plan(model: str, fingerprint: dict, policy: str, budget: int, params: dict | None = None) -> Plan:
-    """The same policy and budget on every layer (sliding layers capped at their window): the usual baseline."""
+    """The same policy and budget on every layer (sliding layers capped at window - 1): the usual baseline."""
     cm = CostModel.for_fingerprint(fingerprint)
     if budget < 1:
         raise PlanError(f"budget must be >= 1 token, got {budget}")

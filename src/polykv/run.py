@@ -32,7 +32,9 @@ class RunResult:
     prefill_s: float
     decode_s: float
     mode: str
-    kernels: str
+    #: what actually served each path, e.g. {"prefill": "torch sdpa", "score": "triton", "gather": "triton",
+    #: "decode": "triton"}; a path that did not run is absent, one served two ways lists both ("torch masked + triton")
+    kernels: dict[str, str]
     layers: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -58,7 +60,7 @@ def run(
         raise InputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
-    from polykv.kernels import backend
+    from polykv.kernels import describe_ran, recording
 
     model, tok = loaded.model, loaded.tokenizer
     prompt = encode(tok, context, question, max_tokens=max_context)
@@ -66,19 +68,19 @@ def run(
     device = next(model.parameters()).device
     eos = eos_ids(tok, model)
     t0 = time.perf_counter()
-    with apply(model, settings):
-        first = prompt.ids if mode == "query-aware" or prompt.question.shape[1] == 0 else prompt.context
-        out = model(input_ids=first.to(device), use_cache=True, logits_to_keep=1)
-        cache: PolyKVCache = output_cache(out)
-        stats = cache.stats()  # the compressed prompt, before any chunk or generated token is appended
-        logits = out.logits[:, -1, :]
-        if first.shape[1] < prompt.length:
-            logits = model(input_ids=prompt.question.to(device), **with_cache(model, cache), use_cache=True).logits[
-                :, -1, :
-            ]
-    t1 = time.perf_counter()
-    tokens = greedy(model, cache, logits, max_new_tokens, eos)
-    t2 = time.perf_counter()
+    with recording() as ran:
+        with apply(model, settings) as settings:  # budgets as the layers hold them (sliding: window - 1)
+            first = prompt.ids if mode == "query-aware" or prompt.question.shape[1] == 0 else prompt.context
+            out = model(input_ids=first.to(device), use_cache=True, logits_to_keep=1)
+            cache: PolyKVCache = output_cache(out)
+            stats = cache.stats()  # the compressed prompt, before any chunk or generated token is appended
+            logits = out.logits[:, -1, :]
+            if first.shape[1] < prompt.length:
+                question_ids = prompt.question.to(device)
+                logits = model(input_ids=question_ids, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
+        t1 = time.perf_counter()
+        tokens = greedy(model, cache, logits, max_new_tokens, eos)
+        t2 = time.perf_counter()
     return RunResult(
         text=decode_text(tok, tokens, eos)[0],
         prompt_tokens=prompt.length,
@@ -91,6 +93,6 @@ def run(
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
         mode=mode,
-        kernels=backend(),
+        kernels=describe_ran(ran),
         layers=[s.describe() for s in settings],
     )

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from polykv.errors import InputError
 from polykv.policies import LayerObservation, Policy, make_policy, ranking, select
+from polykv.policies.window import span_kept
 
 
 @dataclass(frozen=True)
@@ -25,21 +26,59 @@ class LayerSetting:
     def __post_init__(self) -> None:
         if self.budget < 1:
             raise InputError(f"budget must be >= 1 token, got {self.budget}")
+        try:
+            self.policy.attention_span(self.budget)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """(window, sinks) of a setting that windows the attention itself (`policies.window`), else None."""
+        return self.policy.attention_span(self.budget)
 
     def kept_indices(self, obs: LayerObservation) -> Tensor:
-        """(B, Hkv, K) ascending indices this setting keeps; `full` and budget >= context keep everything."""
-        budget = obs.num_tokens if self.policy.name == "full" else self.budget
-        if budget >= obs.num_tokens:
-            return select(obs.keys.new_zeros(obs.keys.shape[:3]), obs.num_tokens, obs.valid)
-        key = ("score", self.policy, budget if self.policy.budget_dependent else None)
-        if key not in obs.memo:  # one score and one ranking serve every budget of a budget-free policy
-            scores = self.policy.score(obs, budget)
-            obs.memo[key] = scores, ranking(scores, obs.valid)
-        scores, order = obs.memo[key]
-        return select(scores, budget, obs.valid, order)
+        """(B, Hkv, K) ascending indices into the observed tokens that this setting keeps.
+
+        The policy chooses among the tokens the layer can still attend to (`obs.in_window()`: all of them, or the
+        last window - 1 on a sliding layer), so K <= window - 1 there; `full` and a budget >= that keep them all.
+        A setting with a span keeps its sinks and what its window still reaches (`policies.window.span_kept`).
+        """
+        span = self.span
+        if span is not None:
+            return span_kept(obs, *span)
+        view = obs.in_window()
+        offset = obs.num_tokens - view.num_tokens
+        budget = view.num_tokens if self.policy.name == "full" else self.budget
+        if budget >= view.num_tokens:
+            kept = select(view.keys.new_zeros(view.keys.shape[:3]), view.num_tokens, view.valid)
+        else:
+            key = ("score", self.policy, budget if self.policy.budget_dependent else None)
+            if key not in view.memo:  # one score and one ranking serve every budget of a budget-free policy
+                scores = self.policy.score(view, budget)
+                view.memo[key] = scores, ranking(scores, view.valid)
+            scores, order = view.memo[key]
+            kept = select(scores, budget, view.valid, order)
+        return kept + offset if offset else kept
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.policy.name, "budget": self.budget, "params": self.policy.params()}
+
+
+def capped(settings: Sequence[LayerSetting], fingerprint: dict) -> list[LayerSetting]:
+    """Each budget as its layer can hold it (`CostModel.effective`: at most window - 1 on a sliding layer), so that
+    uniform baselines, plans and the cache state the same budget for the same memory. A setting with a span keeps
+    its budget: that budget sets the attention window itself (`policies.window`), which the layer caps anyway."""
+    from polykv.plan import CostModel
+
+    cm = CostModel.for_fingerprint(fingerprint)
+    if len(settings) != cm.num_layers:
+        raise InputError(f"{len(settings)} layer settings for a model with {cm.num_layers} layers")
+    return [
+        s
+        if s.span is not None or cm.effective(i, s.budget) == s.budget
+        else LayerSetting(s.policy, cm.effective(i, s.budget))
+        for i, s in enumerate(settings)
+    ]
 
 
 def _policy(name: str, params: dict | None) -> Policy:

@@ -140,7 +140,9 @@ def shared_prefix_attention(
 
     Query i sits at column seen - q + i. It sees the prefix columns its row kept (all prefix columns precede it)
     and the row's new tokens up to itself; sliding-window layers also drop columns >= window behind it.
-    Logits and softmax in fp32.
+    Queries and keys are upcast to fp32 for the logits, softmax and the weighted sum of values are fp32 (as in
+    `kernels.reference.decode_attention`), and only the output is cast back to the query's dtype: 16-bit logits
+    would round a large shared offset (e.g. 900 +- 2) by more than the differences that decide the softmax.
     """
     batch, q_heads, q_len, dim = query.shape
     k_pre, v_pre = layer.prefix_keys, layer.prefix_values  # (Hkv, T, D)
@@ -148,8 +150,9 @@ def shared_prefix_attention(
     groups = q_heads // kv_heads
     q_cols = torch.arange(layer.seen - q_len, layer.seen, device=query.device)
     # prefix: (Hkv, B*G*q, D) @ (Hkv, D, T): every prefix key read once for all rows
-    qh = query.reshape(batch, kv_heads, groups * q_len, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
-    pre = torch.matmul(qh, k_pre.transpose(1, 2)).float().view(kv_heads, batch, groups * q_len, length)
+    q32 = query.float().reshape(batch, kv_heads, groups * q_len, dim)
+    qh = q32.transpose(0, 1).reshape(kv_heads, -1, dim)
+    pre = torch.matmul(qh, k_pre.float().transpose(1, 2)).view(kv_heads, batch, groups * q_len, length)
     pre = pre.transpose(0, 1) * scaling  # (B, Hkv, G*q, T)
     if softcap:
         pre = softcap * torch.tanh(pre / softcap)
@@ -157,7 +160,7 @@ def shared_prefix_attention(
     # the rows' own new tokens: (B, Hkv, G*q, D) @ (B, Hkv, D, S), causal
     k_new, v_new = layer.keys, layer.values
     new_cols = torch.arange(layer.prefix_len, layer.seen, device=query.device)
-    own = torch.matmul(query.reshape(batch, kv_heads, groups * q_len, dim), k_new.transpose(2, 3)).float() * scaling
+    own = torch.matmul(q32, k_new.float().transpose(2, 3)) * scaling
     if softcap:
         own = softcap * torch.tanh(own / softcap)
     hidden = new_cols[None, :] > q_cols[:, None]  # (q, S)
@@ -168,10 +171,10 @@ def shared_prefix_attention(
         pre = pre.view(batch, kv_heads, groups * q_len, length)
     own = own.view(batch, kv_heads, groups, q_len, -1).masked_fill(hidden, float("-inf"))
     own = own.view(batch, kv_heads, groups * q_len, -1)
-    probs = torch.softmax(torch.cat([pre, own], dim=-1), dim=-1).to(v_pre.dtype)
+    probs = torch.softmax(torch.cat([pre, own], dim=-1), dim=-1)
     p_pre, p_own = probs[..., :length], probs[..., length:]
-    out = torch.matmul(p_pre.transpose(0, 1).reshape(kv_heads, -1, length), v_pre)  # (Hkv, B*G*q, Dv)
-    out = out.view(kv_heads, batch, groups * q_len, -1).transpose(0, 1) + torch.matmul(p_own, v_new)
+    out = torch.matmul(p_pre.transpose(0, 1).reshape(kv_heads, -1, length), v_pre.float())  # (Hkv, B*G*q, Dv)
+    out = out.view(kv_heads, batch, groups * q_len, -1).transpose(0, 1) + torch.matmul(p_own, v_new.float())
     # (B, Hkv, G, q, Dv) -> (B, q, Hq, Dv)
     out = out.reshape(batch, kv_heads, groups, q_len, -1).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, q_heads, -1).to(query.dtype)

@@ -47,7 +47,7 @@ def prepare(
     device = next(model.parameters()).device
     targets = torch.cat([ans[:, 1:], torch.tensor([[eos]])], dim=1).to(device)
     cap = capture(model, prompt.ids.to(device), window=window, cumulative=True)
-    full = cap.compress([None] * cap.num_layers)
+    full = cap.uncompressed()
     full.observer = cap.observer
     cap.observer.chunk_queries.clear()
     with polykv_attention(model):

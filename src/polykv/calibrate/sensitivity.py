@@ -7,6 +7,12 @@
   compressed, by teacher-forcing the answer chunk over a cache where that one layer is compressed; the prefill is
   reused, and the options of one layer run as one batch (ragged kept sets padded with masked entries).
 Options whose kept sets are identical (e.g. `full` and any budget >= context) are computed once and shared.
+
+`window` options (engine sliding-window attention, `policies.window`) are measured from the same full prefill: the
+layer keeps its sinks and window, and in e2e the answer tokens attend through the sliding window and the sinks
+exactly as an engine's decode does. What is approximated is the prefill of that one layer, which an engine windows
+too: the prompt tokens' own attention there, and so the prompt keys and values of every later layer, are the
+full-attention ones. The proxy also scores the kept set as if it did not slide along the answer.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from polykv.attention import polykv_attention
-from polykv.cache import PolyKVCache, stack
+from polykv.cache import NO_WINDOW, PolyKVCache, stack
 from polykv.calibrate.sample import PreparedSample
 from polykv.capture import clone_layer
 from polykv.compat import with_cache
@@ -31,20 +37,26 @@ class Option:
     setting: LayerSetting
 
 
-def kept_sets(sample: PreparedSample, layer: int, options: list[Option]) -> tuple[list[Tensor], list[int]]:
-    """Unique kept-index tensors (1, Hkv, K) for this layer and, per option, which unique set it maps to."""
+def kept_sets(
+    sample: PreparedSample, layer: int, options: list[Option]
+) -> tuple[list[Tensor], list[int], list[tuple[int, int] | None]]:
+    """Unique kept-index tensors (1, Hkv, K) for this layer, per option which unique set it maps to, and the span
+    (window, sinks) each unique set attends through afterwards (None: it keeps what it kept)."""
     obs = sample.capture.observation(layer)
     unique: list[Tensor] = []
+    spans: list[tuple[int, int] | None] = []
     keys: dict[bytes, int] = {}
     which = []
     for opt in options:
         idx = opt.setting.kept_indices(obs)
-        key = bytes(str(tuple(idx.shape)), "ascii") + idx.cpu().numpy().tobytes()
+        span = opt.setting.span
+        key = bytes(f"{tuple(idx.shape)}{span}", "ascii") + idx.cpu().numpy().tobytes()
         if key not in keys:
             keys[key] = len(unique)
             unique.append(idx)
+            spans.append(span)
         which.append(keys[key])
-    return unique, which
+    return unique, which, spans
 
 
 def answer_attention(sample: PreparedSample, layer: int) -> tuple[Tensor, Tensor, int]:
@@ -88,7 +100,7 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
     q_heads, m, _ = probs.shape
     dim = v.shape[-1]
     groups = q_heads // sample.capture.observation(layer).keys.shape[1]
-    unique, which = kept_sets(sample, layer, options)
+    unique, which, _ = kept_sets(sample, layer, options)
     by_size: dict[int, list[int]] = {}
     for i, idx in enumerate(unique):
         by_size.setdefault(idx.shape[-1], []).append(i)
@@ -106,8 +118,11 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
     return [results[w] for w in which]
 
 
-def _batched_cache(sample: PreparedSample, layer: int, sets: list[Tensor]) -> PolyKVCache:
-    """A cache of len(sets) rows: every layer full (shared, expanded) except `layer`, compressed per row."""
+def _batched_cache(
+    sample: PreparedSample, layer: int, sets: list[Tensor], spans: list[tuple[int, int] | None] | None = None
+) -> PolyKVCache:
+    """A cache of len(sets) rows: every layer full (shared, expanded) except `layer`, compressed per row (and
+    windowed per row where `spans` gives a row's (window, sinks))."""
     rows = len(sets)
     layers = []
     for i, src in enumerate(sample.capture.cache.layers):
@@ -123,12 +138,31 @@ def _batched_cache(sample: PreparedSample, layer: int, sets: list[Tensor]) -> Po
                 t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns)
             )
             dst.keep(idx, entry_valid=valid)
+            if spans is not None and any(spans):
+                _set_row_spans(dst, spans, sample.capture.cache.column_valid)
         else:
             dst.keys, dst.values, dst.columns = (
                 t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns)
             )
         layers.append(dst)
     return PolyKVCache(layers)
+
+
+def _set_row_spans(layer, spans: list[tuple[int, int] | None], column_valid: Tensor | None) -> None:
+    """Give each row of a one-prompt batch its own window and sinks (rows without a span keep the layer's own)."""
+    first = 0 if column_valid is None else int(column_valid[0].to(torch.int32).argmax())
+    native = layer.sliding_window
+    windows, ends = [], []
+    for span in spans:
+        if span is None:
+            windows.append(native or NO_WINDOW)
+            ends.append(0)
+        else:
+            windows.append(span[0] if native is None else min(span[0], native))
+            ends.append(first + span[1])
+    device = layer.keys.device
+    layer.row_window = torch.tensor(windows, dtype=torch.long, device=device)
+    layer.sink_end = torch.tensor(ends, dtype=torch.long, device=device)
 
 
 def answer_losses(sample: PreparedSample, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,12 +179,12 @@ def e2e_losses(
     model: nn.Module, sample: PreparedSample, layer: int, options: list[Option], batch: int = 8
 ) -> list[tuple[float, float]]:
     """(NLL rise, KL to full) per option when only `layer` is compressed, in batches of `batch` kept sets."""
-    unique, which = kept_sets(sample, layer, options)
+    unique, which, spans = kept_sets(sample, layer, options)
     results: list[tuple[float, float]] = []
     with polykv_attention(model):
         for start in range(0, len(unique), batch):
             sets = unique[start : start + batch]
-            cache = _batched_cache(sample, layer, sets)
+            cache = _batched_cache(sample, layer, sets, spans[start : start + batch])
             inputs = sample.answer_in.expand(len(sets), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
             nll, kl = answer_losses(sample, logits)

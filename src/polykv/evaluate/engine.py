@@ -4,7 +4,9 @@ For each instance the prompt is prefilled once with the full cache (`polykv.capt
 compresses that capture (the same code as compression during prefill, so the kept sets are identical) and they
 decode together as one shared-prefix batch (`polykv.shared_prefix`: the prompt's K/V stored once, each row a mask of
 its kept columns plus its own new tokens); finished rows leave early. Greedy decoding, so results are deterministic.
-A capture that cannot be shared falls back to stacked copies batched by `batching.partition`.
+A capture that cannot be shared falls back to stacked copies batched by `batching.partition`. A job whose settings
+window the attention itself (`policies.window`, engine semantics: the prefill is windowed too) cannot reuse the full
+capture: it prefills on its own, compressing during its prefill as `polykv run` does, and decodes in stacked batches.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from polykv.apply import apply
 from polykv.attention import polykv_attention
 from polykv.cache import PolyKVCache, stack
 from polykv.capture import capture
-from polykv.compat import with_cache
+from polykv.compat import output_cache, with_cache
 from polykv.evaluate.batching import partition
 from polykv.evaluate.methods import Method
 from polykv.evaluate.tasks import TaskInstance, score
@@ -41,6 +44,18 @@ def weight_tokens(model: torch.nn.Module, cache: PolyKVCache) -> float:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     keys = cache.layers[0].keys
     return weights / (2 * keys.shape[1] * keys.shape[3] * keys.element_size())
+
+
+def windowed_prefill(model: torch.nn.Module, ids: torch.Tensor, settings: list[LayerSetting]):
+    """(cache, last logits (1, V)) of a prefill compressed during itself with `settings`: what a job with a
+    windowed layer needs, since the capture's prefill was full on every layer."""
+    with apply(model, settings):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return output_cache(out), out.logits[:, -1, :]
+
+
+def _windowed(job: Job) -> bool:
+    return bool(job.settings) and any(s.span is not None for s in job.settings)
 
 
 @dataclass
@@ -81,7 +96,10 @@ def evaluate_instance(
     t0 = time.perf_counter()
     first = prompt.ids if mode == "query-aware" else prompt.context
     cap = capture(model, first.to(device), window=window, cumulative=needs_cum)
-    compressed = [cap.compress(j.settings or [None] * cap.num_layers) for j in jobs]
+    own = {i: windowed_prefill(model, first.to(device), j.settings) for i, j in enumerate(jobs) if _windowed(j)}
+    compressed = [
+        own[i][0] if i in own else cap.compress(j.settings or [None] * cap.num_layers) for i, j in enumerate(jobs)
+    ]
     t1 = time.perf_counter()
     eos = eos_ids(tok, model)
     max_new = inst.max_new_tokens or default_new_tokens
@@ -89,15 +107,24 @@ def evaluate_instance(
     rows: list[dict] = [{} for _ in jobs]
     slack = max_new + prompt.length - first.shape[1]
     shared = shared_prefix and shareable(cap.cache) and not has_sinks(model)
+    captured = [i for i in range(len(jobs)) if i not in own]
+    weight = weight_tokens(model, cap.cache)
+
+    def stacked(idx: list[int]) -> list[list[int]]:
+        parts = partition([widths[i] for i in idx], weight, max_rows, max_tokens * cap.num_layers)
+        return [[idx[k] for k in part] for part in parts]
+
     if shared:  # rows are masks over one prefix: cost per row is small and alike, so batches are just max_rows
-        batches = [list(range(i, min(i + max_rows, len(jobs)))) for i in range(0, len(jobs), max_rows)]
+        batches = [captured[i : i + max_rows] for i in range(0, len(captured), max_rows)]
     else:
-        batches = partition(widths, weight_tokens(model, cap.cache), max_rows, max_tokens * cap.num_layers)
+        batches = stacked(captured) if captured else []
+    batches += stacked(sorted(own)) if own else []
     for batch in batches:
         rows_in = [compressed[i] for i in batch]
-        cache = shared_batch(cap.cache, rows_in, slack) if shared else stack(rows_in, slack=slack)
+        on_prefix = shared and batch[0] not in own
+        cache = shared_batch(cap.cache, rows_in, slack) if on_prefix else stack(rows_in, slack=slack)
         if mode == "query-aware":
-            logits = cap.last_logits.expand(len(batch), -1)
+            logits = torch.cat([own[i][1] if i in own else cap.last_logits for i in batch])
         else:
             q = prompt.question.to(device).expand(len(batch), -1)
             with polykv_attention(model):

@@ -18,7 +18,7 @@ from pathlib import Path
 from polykv.errors import InputError
 from polykv.plan import CostModel, Plan
 from polykv.policies import make_policy, policy_names
-from polykv.settings import LayerSetting, from_plan
+from polykv.settings import LayerSetting, capped, from_plan
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,14 @@ class Method:
         return Plan.load(path)
 
     def settings(self, budget: int | None, fingerprint: dict) -> list[LayerSetting] | None:
+        """Per-layer settings at `budget`, each budget as its layer holds it (window - 1 at most on sliding layers,
+        as in plans), so that methods at one budget compare at the memory they really use."""
         n = fingerprint["num_layers"]
         if self.kind == "full":
             return None
         if self.kind == "uniform":
             policy = make_policy(self.policy)
-            return [LayerSetting(policy, budget)] * n
+            return capped([LayerSetting(policy, budget)] * n, fingerprint)
         if self.kind == "pyramid":
             from polykv.solve.allocations import pyramid_budgets
 
@@ -64,7 +66,7 @@ class Method:
             return [
                 LayerSetting(policy, max(1, b)) for b in pyramid_budgets(CostModel.for_fingerprint(fingerprint), budget)
             ]
-        return from_plan(self.plan_for(budget), n, fingerprint)
+        return capped(from_plan(self.plan_for(budget), n, fingerprint), fingerprint)
 
 
 def plan_files(path: Path) -> list[tuple[int, str]]:

@@ -3,13 +3,18 @@
 `POLYKV_KERNELS` picks the backend: `auto` (default) uses Triton for CUDA tensors when triton is installed and torch
 otherwise, `torch` always uses the torch reference path, `triton` forces Triton (on CPU only under the Triton
 interpreter, TRITON_INTERPRET=1, which is how the kernels are tested without a GPU). `backend()` names the backend
-in force, for `run` to report. triton is imported lazily: this package works without it.
+in force; `recording()` collects what actually served each path (prefill, score, gather, chunk, decode), since
+under `auto` a CPU tensor, a masked layer or a layer with attention sinks takes torch even where Triton is in force.
+triton is imported lazily: this package works without it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import ModuleType
 
 import torch
@@ -17,10 +22,44 @@ from torch import Tensor
 
 from polykv.kernels import reference
 
-__all__ = ["ENV_VAR", "backend", "decode_attention", "gather_kv", "window_scores"]
+__all__ = [
+    "ENV_VAR",
+    "backend",
+    "decode_attention",
+    "describe_ran",
+    "gather_kv",
+    "note",
+    "recording",
+    "window_scores",
+]
 
 ENV_VAR = "POLYKV_KERNELS"
 CHOICES = ("auto", "triton", "torch")
+
+_ran: ContextVar[dict[str, set[str]] | None] = ContextVar("polykv_kernels_ran", default=None)
+
+
+def note(path: str, impl: str) -> None:
+    """Record that `impl` (e.g. "triton", "torch sdpa") served `path` (e.g. "decode"), inside `recording()`."""
+    ran = _ran.get()
+    if ran is not None:
+        ran.setdefault(path, set()).add(impl)
+
+
+@contextmanager
+def recording() -> Iterator[dict[str, set[str]]]:
+    """Collect {path: implementations that served it} for the calls made inside (paths in first-use order)."""
+    ran: dict[str, set[str]] = {}
+    token = _ran.set(ran)
+    try:
+        yield ran
+    finally:
+        _ran.reset(token)
+
+
+def describe_ran(ran: dict[str, set[str]]) -> dict[str, str]:
+    """{path: "impl" or "impl + impl"}: what a recording saw, JSON-ready (several when layers took different paths)."""
+    return {path: " + ".join(sorted(impls)) for path, impls in ran.items()}
 
 
 def requested() -> str:
@@ -104,14 +143,18 @@ def window_scores(
     `reference.window_scores` for the exact definition. Pool afterwards if the policy needs it.
     """
     if _use_triton(k):
+        note("score", "triton")
         return _triton_module().window_scores(q, k, scaling, valid, softcap)
+    note("score", "torch")
     return reference.window_scores(q, k, scaling, valid, softcap)
 
 
 def gather_kv(k: Tensor, v: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """(k[b, h, idx[b, h]], v[b, h, idx[b, h]]): compact a layer's cache to the kept token indices (B, Hkv, K)."""
     if _use_triton(k):
+        note("gather", "triton")
         return _triton_module().gather_kv(k, v, idx)
+    note("gather", "torch")
     return reference.gather_kv(k, v, idx)
 
 
@@ -120,5 +163,7 @@ def decode_attention(
 ) -> Tensor:
     """(B, Hq, Dv) attention of one query per sequence over the first lengths[b, h] (>= 1) keys of each KV head."""
     if _use_triton(k):
+        note("decode", "triton")
         return _triton_module().decode_attention(q, k, v, lengths, scaling, softcap)
+    note("decode", "torch")
     return reference.decode_attention(q, k, v, lengths, scaling, softcap)

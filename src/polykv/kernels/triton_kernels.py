@@ -632,3 +632,93 @@ def decode_attention(
         BLOCK_DV=_pow2(dim_v, 1),
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ahead-of-time compilation: prove every kernel lowers to GPU code, for the local GPU or any other target
+# --------------------------------------------------------------------------------------------------------------
+
+#: The kernels the launchers above start, in launch order (names accepted by `compile_kernel`).
+KERNELS = ("window_stats", "window_scores", "gather_kv", "decode_split", "decode_reduce")
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FLOATS = {"scaling": "fp32", "softcap": "fp32"}
+
+
+def compile_kernel(
+    name: str,
+    dtype: torch.dtype = torch.bfloat16,
+    dim: int = 128,
+    groups: int = 4,
+    window: int = 32,
+    target: object | None = None,
+) -> object:
+    """Compile one of `KERNELS` without launching it, with the blocks, warps and stages its launcher picks.
+
+    Inputs are `dtype` at head dim `dim` (K and V alike), GQA group `groups` and `window` window queries; the
+    padding and softcap paths and the largest split count (64) are compiled in, the biggest variants. `target` (a
+    `triton.backends.compiler.GPUTarget`) defaults to the local GPU; an explicit one needs no GPU. Returns triton's
+    CompiledKernel (`.asm["cubin"]`, `.metadata.shared` bytes of shared memory).
+    """
+    if INTERPRETED:
+        raise RuntimeError("the kernels were built for the Triton interpreter (TRITON_INTERPRET=1): nothing to compile")
+    from triton.compiler.compiler import ASTSource
+
+    dt, size = _TRITON_DTYPES[dtype], dtype.itemsize
+    prec, block_d = _dot_precision(dtype), _pow2(dim)
+    tuned = {"num_warps": WARPS, "num_stages": _stages(size)}  # window and decode kernels; the others keep defaults
+    block_r, block_t = window_blocks(groups * window, dim, size)
+    win = dict(
+        D=dim, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d, HAS_VALID=True, HAS_SOFTCAP=True, DOT_PREC=prec
+    )
+    qk = {
+        "q_ptr": f"*{dt}",
+        "k_ptr": f"*{dt}",
+        "valid_ptr": "*i8",
+        "m_ptr": "*fp32",
+        "l_ptr": "*fp32",
+        "out_ptr": "*fp32",
+    }
+    kv = {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "idx_ptr": "*i64", "ko_ptr": f"*{dt}", "vo_ptr": f"*{dt}"}
+    dec = {
+        "q_ptr": f"*{dt}",
+        "k_ptr": f"*{dt}",
+        "v_ptr": f"*{dt}",
+        "len_ptr": "*i64",
+        "mo_ptr": "*fp32",
+        "mm_ptr": "*fp32",
+        "ml_ptr": "*fp32",
+        "out_ptr": f"*{dt}",
+    }
+    block_dkv = _pow2(dim, 1)
+    split = dict(
+        D=dim,
+        DV=dim,
+        BLOCK_G=_pow2(groups),
+        BLOCK_N=decode_block_n(dim, dim, size),
+        BLOCK_D=block_d,
+        BLOCK_DV=block_d,
+        HAS_SOFTCAP=True,
+        QK_PREC=prec,
+        PV_PREC=prec,
+    )
+    builds = {
+        "window_stats": (_window_stats_kernel, qk, win, tuned),
+        "window_scores": (_window_scores_kernel, qk, dict(win, BLOCK_S=64), tuned),
+        "gather_kv": (
+            _gather_kv_kernel,
+            kv,
+            dict(DK=dim, DV=dim, BLOCK_K=max(1, 4096 // block_dkv), BLOCK_DK=block_dkv, BLOCK_DV=block_dkv),
+            {},
+        ),
+        "decode_split": (_decode_split_kernel, dec, split, tuned),
+        "decode_reduce": (_decode_reduce_kernel, dec, dict(DV=dim, BLOCK_S=64, BLOCK_DV=block_dkv), {}),
+    }
+    if name not in builds:
+        raise ValueError(f"unknown kernel {name!r}; one of {', '.join(KERNELS)}")
+    fn, pointers, constexprs, options = builds[name]
+    types = {**_FLOATS, **pointers}
+    signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "i32") for arg in fn.arg_names}
+    target = target or triton.runtime.driver.active.get_current_target()
+    parsed = triton.compiler.make_backend(target).parse_options(options)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=target, options=parsed.__dict__)

@@ -5,7 +5,9 @@ Adding a policy, everything to touch:
 1. `src/polykv/policies/<name>.py`: a `Policy` subclass (see `policies.base`) with the class attribute `name`,
    its parameters as dataclass fields with defaults (they are stored in plans), `score()`, and `window_size` /
    `queries_needed()` / `needs_cumulative` / `budget_dependent` if it reads window queries, cumulative attention or
-   the budget. Module docstring: what it keeps and why.
+   the budget, and `attention_span()` if it changes the attention itself rather than what is kept (`window`).
+   Module docstring: what it keeps and why. Each field's range and description in `CONSTRAINTS` of
+   `policies/schema.py`, then regenerate the parameter schema (`python -m polykv.policies.schema`).
 2. `_POLICIES` below: import the class and append it. Registry order is the order of `policy_names()` (calibration,
    `eval --methods uniform:*`, report colours), so append rather than insert.
 3. `tests/test_policies.py`: a brute-force reference in `REFERENCES` (plain loops over the eager model's attention,
@@ -16,6 +18,9 @@ Adding a policy, everything to touch:
    `POLICY_COLORS` in cli/polykv_cli/plan_cmd.py (optional: unknown names get a spare one).
 5. Plans: calibrations measure every registered policy by default, so a new policy reaches the checked-in plans
    only after `make plans` recalibrates and re-solves them.
+6. Other runtimes: the policy's section in docs/plan-spec.md, the same rule in conformance/reference.py, its cases
+   in `specs()` of conformance/build.py, then `python conformance/build.py` (tests/test_conformance.py fails for a
+   registered policy without vectors covering ties, a budget >= the context and GQA).
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from polykv.policies.snapkv import SnapKV
 from polykv.policies.snapkv_forward import SnapKVForward
 from polykv.policies.streaming import Streaming
 from polykv.policies.tova import TOVA
+from polykv.policies.window import Window
 
 _POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Streaming, SnapKV, H2O, TOVA, KNorm, Random, ExpectedAttention, SnapKVForward)
+    cls.name: cls
+    for cls in (Full, Streaming, SnapKV, H2O, TOVA, KNorm, Random, ExpectedAttention, SnapKVForward, Window)
 }
 
 

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from polykv.sliding import reach
+
 PROTECT = float("inf")
 
 
@@ -28,6 +30,8 @@ class LayerObservation:
     valid: (B, T) bool, False on left padding.
     cumulative_attention: (B, Hkv, T) fp32, attention each token received summed over all prompt queries and the
     GQA group (only computed when a policy needs it; see `needs_cumulative`).
+    sliding_window: the layer's window, None on full-attention layers. Policies score `in_window()`, never the
+    tokens a sliding layer can no longer attend to.
     """
 
     layer: int
@@ -38,6 +42,7 @@ class LayerObservation:
     valid: Tensor
     softcap: float | None = None
     cumulative_attention: Tensor | None = None
+    sliding_window: int | None = None
     #: scores already computed from this observation (e.g. window attention per window size), reused across budgets
     memo: dict = field(default_factory=dict, repr=False)
 
@@ -48,6 +53,28 @@ class LayerObservation:
     @property
     def groups(self) -> int:
         return self.window_queries.shape[1] // self.keys.shape[1]
+
+    def in_window(self) -> LayerObservation:
+        """The observation of the tokens the layer can still attend to: itself on a full-attention layer, the last
+        `sliding.reach(window)` tokens on a sliding one (as if the prompt began there; the window queries and
+        cumulative attention are cut to them too). Its token i is token `num_tokens - view.num_tokens + i` here."""
+        if self.sliding_window is None or self.num_tokens <= reach(self.sliding_window):
+            return self
+        if "in_window" not in self.memo:
+            keep = reach(self.sliding_window)
+            queries = min(keep, self.window_queries.shape[2])
+            cum = self.cumulative_attention
+            self.memo["in_window"] = LayerObservation(
+                layer=self.layer,
+                keys=self.keys[:, :, -keep:],
+                values=self.values[:, :, -keep:],
+                window_queries=self.window_queries[:, :, self.window_queries.shape[2] - queries :],
+                scaling=self.scaling,
+                valid=self.valid[:, -keep:],
+                softcap=self.softcap,
+                cumulative_attention=None if cum is None else cum[..., -keep:],
+            )
+        return self.memo["in_window"]
 
     def relative_positions(self) -> Tensor:
         """(B, T) position of each token among the real tokens of its row (-1 on padding)."""
@@ -79,6 +106,12 @@ class Policy(ABC):
 
     def queries_needed(self) -> int:
         return self.window_size
+
+    def attention_span(self, budget: int) -> tuple[int, int] | None:
+        """(window, sinks) when the policy changes the layer's attention itself, in prefill and decode (engine
+        sliding-window semantics, `policies.window`); None for eviction policies, which only choose what to keep.
+        ValueError when `budget` cannot hold the span."""
+        return None
 
 
 def ranking(scores: Tensor, valid: Tensor) -> Tensor:

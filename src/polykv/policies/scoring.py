@@ -41,15 +41,22 @@ def pool1d(scores: Tensor, kernel: int, mode: str) -> Tensor:
 
 
 def cumulative_attention(
-    queries: Tensor, keys: Tensor, scaling: float, valid: Tensor, softcap: float | None = None, chunk: int = 128
+    queries: Tensor,
+    keys: Tensor,
+    scaling: float,
+    valid: Tensor,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    chunk: int = 128,
 ) -> Tensor:
     """(B, Hkv, T) fp32: attention each key receives summed over all T causal queries and the GQA group.
 
-    Computed in chunks of query rows against only the keys they can see (causality halves the work), so at most
-    B x Hq x chunk x T logits exist at once (never T x T per head). Each chunk's logits are exponentiated in place
-    and summed over rows by one matmul with the rows' 1 / normaliser (no softmax copy, no division pass): about 3x
-    faster than a plain masked softmax on 2 CPU cores, which matters because H2O's scores make up most of the
-    calibration pass's overhead over a plain prefill.
+    With `sliding_window`, query i sees only keys j > i - sliding_window (as the sliding layer itself attended).
+    Computed in chunks of query rows against only the keys they can see (causality halves the work, a window cuts
+    it to the window), so at most B x Hq x chunk x T logits exist at once (never T x T per head). Each chunk's
+    logits are exponentiated in place and summed over rows by one matmul with the rows' 1 / normaliser (no softmax
+    copy, no division pass): about 3x faster than a plain masked softmax on 2 CPU cores, which matters because
+    H2O's scores make up most of the calibration pass's overhead over a plain prefill.
     """
     batch, q_heads, tokens, dim = queries.shape
     kv_heads = keys.shape[1]
@@ -60,18 +67,23 @@ def cumulative_attention(
     for start in range(0, tokens, chunk):
         stop = min(start + chunk, tokens)
         rows = stop - start
-        # (B, Hkv, G*rows, D) x (B, Hkv, D, stop): each KV head's keys serve its whole query group
+        first = 0 if sliding_window is None else max(start - sliding_window + 1, 0)  # first key any row sees
+        # (B, Hkv, G*rows, D) x (B, Hkv, D, stop - first): each KV head's keys serve its whole query group
         q = queries[:, :, start:stop].float().reshape(batch, kv_heads, groups * rows, dim)
         if softcap is None:
             q = q * scaling
-        logits = torch.matmul(q, k[:, :, :stop].transpose(-1, -2))
+        logits = torch.matmul(q, k[:, :, first:stop].transpose(-1, -2))
         if softcap is not None:
             logits.mul_(scaling / softcap).tanh_().mul_(softcap)
-        view = logits.view(batch, kv_heads, groups, rows, stop)
+        view = logits.view(batch, kv_heads, groups, rows, stop - first)
         future = torch.ones(rows, rows, dtype=torch.bool, device=keys.device).triu(1)
-        view[..., start:stop].masked_fill_(future, float("-inf"))
+        view[..., start - first : stop - first].masked_fill_(future, float("-inf"))
+        if sliding_window is not None:
+            rows_at = torch.arange(start, stop, device=keys.device)[:, None]
+            keys_at = torch.arange(first, stop, device=keys.device)[None, :]
+            view.masked_fill_(keys_at <= rows_at - sliding_window, float("-inf"))
         if padded:
-            view.masked_fill_(~valid[:, None, None, None, :stop], float("-inf"))
+            view.masked_fill_(~valid[:, None, None, None, first:stop], float("-inf"))
         top = logits.amax(-1, keepdim=True)
         if padded:  # a padding row sees nothing: keep its max finite so it exponentiates to zeros, not nan
             top = top.clamp_min(torch.finfo(torch.float32).min)
@@ -79,5 +91,5 @@ def cumulative_attention(
         inv = 1.0 / logits.sum(-1, keepdim=True).clamp_min(1e-30)
         if padded:  # padding rows contribute nothing
             inv = inv * valid[:, start:stop].repeat(1, groups)[:, None, :, None]
-        total[..., :stop] += torch.matmul(inv.transpose(-1, -2), logits)
+        total[..., first:stop] += torch.matmul(inv.transpose(-1, -2), logits)
     return total[:, :, 0]

@@ -1,4 +1,9 @@
-"""`snapkv` (SnapKV): attention of the last `window` prompt queries, pooled, per KV head; the window is kept."""
+"""`snapkv` (SnapKV): attention of the last `window` prompt queries, pooled, per KV head; the window is kept.
+
+As in the SnapKV paper and kvpress, only the prefix's scores (the columns before the observation window) are pooled:
+the window attends strongly to its own columns, and pooling across the boundary would let those columns lift the
+last prefix tokens above prefix tokens the window actually attended to. The window itself is always kept.
+"""
 
 from dataclasses import dataclass
 
@@ -19,5 +24,9 @@ class SnapKV(Policy):
         return self.window
 
     def score(self, obs: LayerObservation, budget: int) -> Tensor:
-        scores = pool1d(window_attention(obs, self.window), self.kernel, self.pooling)
-        return protect_last(scores, min(self.window, obs.num_tokens))
+        window = min(self.window, obs.num_tokens)
+        scores = window_attention(obs, self.window)
+        prefix = obs.num_tokens - window
+        if prefix > 0:
+            scores[..., :prefix] = pool1d(scores[..., :prefix], self.kernel, self.pooling)
+        return protect_last(scores, window)

@@ -22,8 +22,9 @@ Input rows are per sample; the solver needs one number per option. Rules:
   i.e. its samples share its weight w equally (unlisted categories weigh 1, weight 0 drops a category).
 - completeness: every (layer, policy, budget) of the grid must be present for every sample, else a
   CalibrationError names what is missing; `allow_missing` aggregates what exists and drops empty options.
-- sliding layers hold at most `window` tokens: their options above the window collapse into one option at
-  budget = window (the loss of the smallest calibrated budget >= window); they need not be calibrated above it.
+- sliding layers hold at most window - 1 tokens (`polykv.sliding`; `CostModel.caps`): their options above that
+  collapse into one option at budget = window - 1 (the loss of the smallest calibrated budget >= window - 1); they
+  need not be calibrated above it.
 - NaN or infinite values are an error (naming where), never silently skipped.
 """
 
@@ -133,7 +134,7 @@ class OptionTable:
     def predicted_loss(self, layer: int, policy: str, budget: int) -> float | None:
         """Loss of `policy` at `budget` on `layer`: exact on the grid, linear between grid points, else None.
 
-        `full` always predicts 0 (nothing is evicted); sliding layers are read at min(budget, window).
+        `full` always predicts 0 (nothing is evicted); sliding layers are read at min(budget, window - 1).
         """
         if policy == "full":
             return 0.0
@@ -308,7 +309,7 @@ def _statistic(values: np.ndarray, weights: np.ndarray, agg: Aggregation) -> np.
 
 
 def _collapse_sliding(frame: pd.DataFrame, caps: np.ndarray) -> pd.DataFrame:
-    """On sliding layers the one kept option at or above the window becomes budget = window (module docstring)."""
+    """On sliding layers the one kept option at or above the cap (window - 1) becomes budget = cap (module doc)."""
     cap = caps[frame["layer"].to_numpy()]
     over = frame["budget"].to_numpy() > cap
     frame.loc[over, "budget"] = cap[over]
@@ -365,7 +366,7 @@ def aggregate(
     budget_of = np.tile(grid, n * P)
     caps = np.array([c if c is not None else np.iinfo(np.int64).max for c in cm.caps], dtype=np.int64)
     cap_of = caps[layer_of]
-    # sliding layers need no calibration above their window (only the first budget >= window is used)
+    # sliding layers need no calibration above their cap, window - 1 (only the first budget >= it is used)
     first_over = np.zeros_like(budget_of, dtype=bool)
     for layer, cap in enumerate(cm.caps):
         if cap is not None and (grid >= cap).any():

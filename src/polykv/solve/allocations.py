@@ -3,7 +3,7 @@
 PyramidKV (Cai et al., 2024) gives the top layer B/beta tokens and the bottom layer 2B - B/beta, linearly in between,
 so the budgets sum to B x L. Here the ramp is a *profile* r_l (mean 1) scaled by s so that the plan's cost fills the
 same total as the uniform plan: with equal layers and no sliding ones, s = B exactly as in PyramidKV; with sliding
-layers (capped at their window) or unequal KV geometry the largest s that fits is used, so the freed budget of the
+layers (capped at window - 1) or unequal KV geometry the largest s that fits is used, so the freed budget of the
 capped layers flows to the others. Budgets are whole tokens >= 1: floors, then one extra token for the layers with
 the largest remainders while the total allows (so equal layers sum to exactly B x L).
 """
@@ -20,7 +20,7 @@ DEFAULT_PYRAMID_BETA = 20.0
 
 
 def uniform_budgets(cm: CostModel, average_budget: int) -> list[int]:
-    """The average budget on every layer (sliding layers capped at their window)."""
+    """The average budget on every layer (sliding layers capped at window - 1)."""
     return [cm.effective(layer, average_budget) for layer in range(cm.num_layers)]
 
 

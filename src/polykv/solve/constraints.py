@@ -4,7 +4,7 @@
 - pins: `L:POLICY` (the solver picks the budget) or `L:POLICY:BUDGET` (fixed); `L` may be a range `A-B`;
   `L:full` keeps the whole context on that layer and charges `full_cost` tokens (default: the largest grid budget);
 - min_budget / max_budget per layer (`N` for every layer, `L:N` or `A-B:N` for some; later specs win); on a sliding
-  layer a minimum above the window means "the window";
+  layer a minimum above its cap (window - 1) means "the cap";
 - max_policies: at most K distinct policies in the plan (`full` pins do not count).
 
 `parse_budgets` is also the one parser of every command's `--budgets` list (calibrate, solve, refine, eval).
@@ -43,7 +43,8 @@ class SolveOptions:
     max_policies: int | None = None
     full_cost: int | None = None
     solver: str = "auto"
-    cross_check: bool = False
+    #: run the other solver too and compare: always (True), never (False), or when cheap (None, see solve.runner)
+    cross_check: bool | None = None
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:

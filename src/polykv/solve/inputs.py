@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from polykv.errors import CalibrationError, PlanError
-from polykv.plan import check_fingerprint, fingerprint_hash
+from polykv.plan import check_fingerprint, fingerprint_hash, fingerprint_hash_matches
 
 CURVE_COLUMNS = (
     "model",
@@ -95,7 +95,7 @@ def read_metadata(path: Path) -> dict:
         check_fingerprint(meta["fingerprint"])
     except PlanError as exc:
         raise CalibrationError(f"{meta_path}: {exc}") from None
-    if fingerprint_hash(meta["fingerprint"]) != meta["fingerprint_hash"]:
+    if not fingerprint_hash_matches(meta["fingerprint"], meta["fingerprint_hash"]):
         raise CalibrationError(
             f"{meta_path}: fingerprint_hash {meta['fingerprint_hash']} does not match its fingerprint "
             f"({fingerprint_hash(meta['fingerprint'])}); the file was edited, re-run `polykv calibrate`"

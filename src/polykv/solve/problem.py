@@ -2,7 +2,7 @@
 
 `full` is never an ordinary option (it keeps the whole context, so it is not cheap whatever its calibrated loss):
 it only appears on layers pinned to it, at loss 0 and a cost of `full_cost` tokens (default: the largest budget of
-the calibration grid), capped at the window on sliding layers.
+the calibration grid), capped at window - 1 on sliding layers.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ CHANGELOG_SIZE = Size(8800, 9300, 10000)
 Instance = dict[str, object]
 
 
-def _instance(
+def make_instance(
     task: str, i: int, context: str, question: str, answers: list[str], metric: str, max_new_tokens: int
 ) -> Instance:
     return {
@@ -75,12 +75,12 @@ def _instance(
     }
 
 
-def _depth(rng: random.Random, i: int, n: int) -> float:
+def stratified_depth(rng: random.Random, i: int, n: int) -> float:
     """Stratified depth in [0.02, 0.98]: instance i of n lands in the i-th slice, so depths cover the context."""
     return 0.02 + 0.96 * (i + rng.random()) / n
 
 
-def _distinct(rng: random.Random, make: Callable[[random.Random], str], k: int) -> list[str]:
+def distinct_items(rng: random.Random, make: Callable[[random.Random], str], k: int) -> list[str]:
     """k distinct generated strings, none a substring of another (substring scoring must not confuse them)."""
     out: list[str] = []
     while len(out) < k:
@@ -102,9 +102,9 @@ def build_passkey(n: int, seed: int, part: Partition = EVALUATION, size: Size = 
         name, key = person(rng), number(rng, 5)
         needle = f"The passkey for {name} is {key}."
         blocks = haystack(rng, part, size.target - len(needle), size.hi - len(needle) - 2)
-        context = insert_at_depths(blocks, [(_depth(rng, i, n), needle)])
+        context = insert_at_depths(blocks, [(stratified_depth(rng, i, n), needle)])
         question = f"What is the passkey for {name}? Answer with the number only."
-        out.append(_instance("passkey", i, context, question, [key], "substring", 24))
+        out.append(make_instance("passkey", i, context, question, [key], "substring", 24))
     return out
 
 
@@ -115,17 +115,17 @@ def build_multikey_needles(
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        names = _distinct(rng, key_phrase, keys)
-        values = _distinct(rng, lambda r: number(r, 7), keys)
+        names = distinct_items(rng, key_phrase, keys)
+        values = distinct_items(rng, lambda r: number(r, 7), keys)
         needles = [f"The special magic number for {k} is {v}." for k, v in zip(names, values, strict=False)]
         asked = rng.randrange(keys)
         depths = [rng.uniform(0.02, 0.98) for _ in range(keys)]
-        depths[asked] = _depth(rng, i, n)
+        depths[asked] = stratified_depth(rng, i, n)
         extra = sum(len(x) + 2 for x in needles)
         blocks = haystack(rng, part, size.target - extra, size.hi - extra)
         context = insert_at_depths(blocks, list(zip(depths, needles, strict=False)))
         question = f"What is the special magic number for {names[asked]}? Answer with the number only."
-        out.append(_instance("multikey_needles", i, context, question, [values[asked]], "substring", 24))
+        out.append(make_instance("multikey_needles", i, context, question, [values[asked]], "substring", 24))
     return out
 
 
@@ -147,8 +147,8 @@ def build_variable_tracking(
     out = []
     for i in range(n):
         h = hops[i % len(hops)]
-        names = _distinct(rng, lambda r: "".join(r.choice(letters) for _ in range(5)), chains * (h + 1))
-        values = _distinct(rng, lambda r: number(r, 5), chains)
+        names = distinct_items(rng, lambda r: "".join(r.choice(letters) for _ in range(5)), chains * (h + 1))
+        values = distinct_items(rng, lambda r: number(r, 5), chains)
         items: list[tuple[float, str]] = []
         ends = []
         for c in range(chains):
@@ -165,7 +165,7 @@ def build_variable_tracking(
         blocks = haystack(rng, part, size.target - extra, size.hi - extra)
         context = insert_at_depths(blocks, items)
         question = f"What is the value of variable {ends[asked]}? Answer with the number only."
-        out.append(_instance("variable_tracking", i, context, question, [values[asked]], "substring", 24))
+        out.append(make_instance("variable_tracking", i, context, question, [values[asked]], "substring", 24))
     return out
 
 
@@ -198,7 +198,7 @@ def build_frequent_words(
     pool = word_pool(part)
     out = []
     for i in range(n):
-        vocab = _distinct(rng, lambda r: r.choice(pool), 3 + fillers)
+        vocab = distinct_items(rng, lambda r: r.choice(pool), 3 + fillers)
         avg = sum(len(w) for w in vocab) / len(vocab) + 1  # "word\n"
         total = int(size.target / avg)
         counts = [round(0.15 * total), round(0.05 * total), round(0.05 * total)]
@@ -208,7 +208,7 @@ def build_frequent_words(
         rng.shuffle(words)
         context = "\n".join(words)
         question = "Which word appears most often in the list above? Answer with the word only."
-        out.append(_instance("frequent_words", i, context, question, [vocab[0]], "substring", 16))
+        out.append(make_instance("frequent_words", i, context, question, [vocab[0]], "substring", 16))
     return out
 
 
@@ -296,7 +296,7 @@ def build_changelog_qa(
                 "Answer with the person's name only."
             )
             answer = target.signer
-        out.append(_instance(task, len(out), context, question, [answer], "f1", 24))
+        out.append(make_instance(task, len(out), context, question, [answer], "f1", 24))
     return out
 
 
@@ -326,7 +326,7 @@ def build_multidoc_retrieval(
             total += block
         if total < size.lo:
             continue
-        k = min(len(docs) - 1, int(_depth(rng, len(out), n) * len(docs)))
+        k = min(len(docs) - 1, int(stratified_depth(rng, len(out), n) * len(docs)))
         target = docs[k]
         phrase = _quote(rng, target, docs)
         if phrase is None:
@@ -334,7 +334,7 @@ def build_multidoc_retrieval(
         context = "\n\n".join(f"Title: {d.name}\n{d.text}" for d in docs)
         question = f'What is the title of the document that contains the words "{phrase}"? Answer with the title only.'
         answers = list(dict.fromkeys([target.name, target.short]))
-        out.append(_instance(task, len(out), context, question, answers, "substring", 24))
+        out.append(make_instance(task, len(out), context, question, answers, "substring", 24))
     return out
 
 
@@ -399,7 +399,7 @@ def code_window(lines: list[str], end: int, size: Size) -> str | None:
     return text if size.lo <= len(text) <= size.hi else None
 
 
-def _similar_lines(query: str, lines: list[str], k: int, threshold: float) -> list[str]:
+def similar_lines(query: str, lines: list[str], k: int, threshold: float) -> list[str]:
     """Up to k of `lines` (stripped) that differ from `query`, start with its first word, and whose edit
     similarity to it is at least `threshold`."""
     head = re.match(r"[\w.]+|\S", query).group()  # type: ignore[union-attr]
@@ -436,12 +436,12 @@ def build_code_completion(
         for t in targets[:40]:
             context = code_window(lines, t, size)
             target = lines[t].strip()
-            if context is not None and target not in context and _similar_lines(target, context.splitlines(), 1, 0.6):
+            if context is not None and target not in context and similar_lines(target, context.splitlines(), 1, 0.6):
                 break
         else:
             continue
         question = "Continue the Python code above: write its next line. Answer with that line of code only."
-        out.append(_instance(task, len(out), context, question, [target], "edit_sim", 32))
+        out.append(make_instance(task, len(out), context, question, [target], "edit_sim", 32))
     return out
 
 
@@ -509,7 +509,7 @@ def build_fewshot_classification(
         query = rng.choice([x for x in by_label[label] if not any(lb in x.lower() for lb in LABELS)])
         pool = by_label[label][:]
         rng.shuffle(pool)
-        near = _similar_lines(query, pool, near_k, near_sim)
+        near = similar_lines(query, pool, near_k, near_sim)
         if len(near) < near_k:
             continue
         blocks: list[str] = []
@@ -531,7 +531,7 @@ def build_fewshot_classification(
             "Classify the next line the way the lines above are classified. Answer with the kind label "
             f"only.\nLine: {query}\nKind:"
         )
-        out.append(_instance(task, len(out), context, question, [label], "substring", 16))
+        out.append(make_instance(task, len(out), context, question, [label], "substring", 16))
     return out
 
 

@@ -42,12 +42,12 @@ from polykv.evaluate.suite import default_suite_path
 from polykv.evaluate.suite.build import (
     Instance,
     Size,
-    _depth,
-    _distinct,
-    _instance,
-    _similar_lines,
     code_window,
+    distinct_items,
     length_stats,
+    make_instance,
+    similar_lines,
+    stratified_depth,
     write_jsonl,
 )
 from polykv.evaluate.suite.sources import (
@@ -748,11 +748,11 @@ def build_needle(fam: Family, n: int, seed: int, part: Partition, keep: Keep) ->
         (adj, noun), code = _word_pairs(rng, 1)[0], number(rng, 6)
         vault = f"{adj} {noun} vault"
         needle = fam.fact(f"The access code for the {vault} is {code}.")
-        context = _with_facts(rng, fam, part, [(_depth(rng, len(out), n), needle)], [vault, code])
+        context = _with_facts(rng, fam, part, [(stratified_depth(rng, len(out), n), needle)], [vault, code])
         if context is None or not keep(context):
             continue
         question = f"What is the access code for the {vault}? {_answer_instruction('number')}"
-        out.append(_instance(task, len(out), context, question, [code], "substring", 32))
+        out.append(make_instance(task, len(out), context, question, [code], "substring", 32))
     return out
 
 
@@ -764,16 +764,16 @@ def build_multikey(fam: Family, n: int, seed: int, part: Partition, keep: Keep, 
     out: list[Instance] = []
     while len(out) < n:
         names = [f"{a}-{b}" for a, b in _word_pairs(rng, keys)]
-        values = _distinct(rng, lambda r: number(r, 7), keys)
+        values = distinct_items(rng, lambda r: number(r, 7), keys)
         asked = rng.randrange(keys)
         depths = [rng.uniform(0.02, 0.98) for _ in range(keys)]
-        depths[asked] = _depth(rng, len(out), n)
+        depths[asked] = stratified_depth(rng, len(out), n)
         needles = [fam.fact(f"The serial number of the {k} device is {v}.") for k, v in zip(names, values, strict=True)]
         context = _with_facts(rng, fam, part, list(zip(depths, needles, strict=True)), names + values)
         if context is None or not keep(context):
             continue
         question = f"What is the serial number of the {names[asked]} device? {_answer_instruction('number')}"
-        out.append(_instance(task, len(out), context, question, [values[asked]], "substring", 32))
+        out.append(make_instance(task, len(out), context, question, [values[asked]], "substring", 32))
     return out
 
 
@@ -792,8 +792,8 @@ def build_vartrack(
     out: list[Instance] = []
     while len(out) < n:
         h = hops[len(out) % len(hops)]
-        names = _distinct(rng, lambda r: "".join(r.choice(letters) for _ in range(5)), chains * (h + 1))
-        values = _distinct(rng, lambda r: number(r, 5), chains)
+        names = distinct_items(rng, lambda r: "".join(r.choice(letters) for _ in range(5)), chains * (h + 1))
+        values = distinct_items(rng, lambda r: number(r, 5), chains)
         items: list[tuple[float, str]] = []
         ends = []
         for c in range(chains):
@@ -807,7 +807,7 @@ def build_vartrack(
         if context is None or not keep(context):
             continue
         question = f"{fam.var_question.format(name=ends[asked])} {_answer_instruction('number')}"
-        out.append(_instance(task, len(out), context, question, [values[asked]], "substring", 32))
+        out.append(make_instance(task, len(out), context, question, [values[asked]], "substring", 32))
     return out
 
 
@@ -815,7 +815,7 @@ def json_object(rng: random.Random, entries: int) -> tuple[dict[str, int], str]:
     """A flat settings object of `entries` snake_case keys (no key shares a word with another) and 5-digit values;
     returns it and the key asked about."""
     keys = [f"{a}_{b}" for a, b in _word_pairs(rng, entries)]
-    values = _distinct(rng, lambda r: number(r, 5), entries)
+    values = distinct_items(rng, lambda r: number(r, 5), entries)
     return dict(zip(keys, map(int, values), strict=True)), rng.choice(keys)
 
 
@@ -833,11 +833,11 @@ def build_json_lookup(
     while len(out) < n:
         obj, asked = json_object(rng, rng.randint(*entries))
         block = fam.json_block(json.dumps(obj, indent=2))
-        context = _with_facts(rng, fam, part, [(_depth(rng, len(out), n), block)], list(obj))
+        context = _with_facts(rng, fam, part, [(stratified_depth(rng, len(out), n), block)], list(obj))
         if context is None or not keep(context):
             continue
         question = f'In the JSON object above, what is the value of the key "{asked}"? {_answer_instruction("value")}'
-        out.append(_instance(task, len(out), context, question, [str(obj[asked])], "substring", 32))
+        out.append(make_instance(task, len(out), context, question, [str(obj[asked])], "substring", 32))
     return out
 
 
@@ -910,7 +910,7 @@ def build_option(fam: Family, n: int, seed: int, part: Partition, keep: Keep, st
         if len(candidates) < statements:
             continue
         chosen = rng.sample(candidates, statements)
-        depths = [_depth(rng, len(out), n)] + [rng.uniform(0.02, 0.98) for _ in range(statements - 1)]
+        depths = [stratified_depth(rng, len(out), n)] + [rng.uniform(0.02, 0.98) for _ in range(statements - 1)]
         items = [
             (_char_depth(texts, d), option_statement(phrase, answers[0]))
             for d, (answers, phrase) in zip(depths, chosen, strict=True)
@@ -920,7 +920,7 @@ def build_option(fam: Family, n: int, seed: int, part: Partition, keep: Keep, st
             continue
         answers, phrase = chosen[0]
         question = f'Which option is described as "{phrase}"? {_answer_instruction("option")}'
-        out.append(_instance(task, len(out), context, question, answers, "substring", 32))
+        out.append(make_instance(task, len(out), context, question, answers, "substring", 32))
     return out
 
 
@@ -949,13 +949,13 @@ def build_nextline(fam: Family, n: int, seed: int, part: Partition, keep: Keep) 
                 and target not in context
                 and fam.fits(context)
                 and keep(context)
-                and _similar_lines(target, context.splitlines(), 1, 0.6)
+                and similar_lines(target, context.splitlines(), 1, 0.6)
             ):
                 break
         else:
             continue
         question = f"Continue the C code above: write its next line. {_answer_instruction('line')}"
-        out.append(_instance(task, len(out), context, question, [target], "edit_sim", 48))
+        out.append(make_instance(task, len(out), context, question, [target], "edit_sim", 48))
     return out
 
 
