@@ -89,7 +89,8 @@ def solve_choice(cands: Candidates, capacity: int, options: SolveOptions) -> tup
     return picks, name, {"ran": True, "agreed": agreed}
 
 
-def _base_provenance(table: OptionTable, calibration: Mapping | None, solver: str, options: dict) -> dict:
+def base_provenance(table: OptionTable, calibration: Mapping | None, solver: str, options: dict) -> dict:
+    """What every written plan records about how it was made: version, solver, calibration and solve options."""
     return {
         "polykv_version": polykv_version(),
         "solver": solver,
@@ -150,7 +151,7 @@ def solve_plan(
         budget_unit=cm.unit,
         layers=layers,
         predicted_loss=_total_loss(cands, picks),
-        provenance={**_base_provenance(table, calibration, solver, described), "cross_check": check},
+        provenance={**base_provenance(table, calibration, solver, described), "cross_check": check},
     )
 
 
@@ -200,7 +201,7 @@ def allocation_plan(
         budget_unit=cm.unit,
         layers=layers,
         predicted_loss=None if any(x is None for x in losses) else fsum(losses),
-        provenance=_base_provenance(table, calibration, allocation, described),
+        provenance=base_provenance(table, calibration, allocation, described),
     )
 
 

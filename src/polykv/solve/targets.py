@@ -25,11 +25,12 @@ import numpy as np
 
 from polykv.engines import LLAMACPP_SWA, TARGETS, gguf_arch, period_pattern
 from polykv.errors import InfeasibleError, SolveError
-from polykv.plan import SCHEMA_VERSION, LayerPlan, Plan, polykv_version
+from polykv.plan import SCHEMA_VERSION, LayerPlan, Plan
 from polykv.solve.aggregate import OptionTable
 from polykv.solve.constraints import SolveOptions
 from polykv.solve.ilp import solve_ilp
 from polykv.solve.mckp import solve_dp, solve_dp_groups, subset_count
+from polykv.solve.runner import base_provenance
 
 MAX_DP_SUBSETS = 100
 
@@ -247,16 +248,6 @@ def solve_target(
         budget_unit=cm.unit,
         layers=layers,
         predicted_loss=fsum(c.loss for c in picked),
-        provenance={
-            "polykv_version": polykv_version(),
-            "solver": solver,
-            **(dict(calibration) if calibration else {}),
-            "options": {
-                "metric": table.metric,
-                "aggregate": table.aggregation.describe(),
-                "allow_missing": table.allow_missing,
-                **described,
-            },
-        },
+        provenance=base_provenance(table, calibration, solver, described),
         target=target.describe(),
     )
