@@ -4,13 +4,16 @@ The guard of `polykv solve` picks, at each budget, one of several candidate plan
 every uniform policy) by a whole-model loss on a few held-out samples. This script measures, for one calibration:
 
 1. `measure`: every candidate's per-sample losses on the held-out samples (answer KL to the full cache and the rise
-   of the gold answer's NLL), with what the full cache itself does on each sample (its gold NLL, whether its greedy
-   first token is the gold one), to `losses.json`; the non-uniform candidates are written as plan directories so
-   `polykv eval` can score them (uniform candidates are eval's own `uniform:POLICY` methods);
+   of the answer's NLL, on the gold answer and on the full cache's own greedy answer, and the share of that own
+   answer the candidate's greedy decoding misses), with what the full cache itself does on each sample (its gold
+   NLL, whether its greedy first token is the gold one), to `losses.json`; the non-uniform candidates are written as
+   plan directories so `polykv eval` can score them (uniform candidates are eval's own `uniform:POLICY` methods);
+   `--extra NAME:DIR` adds plans made elsewhere (DIR/avg<budget>.json) as candidates;
 2. `analyze`: given that eval of the candidates on the development instances, which candidate each objective would
    have the guard keep, and that candidate's task score next to the best uniform policy's and the best candidate's.
 
-    python benchmarks/guard_objectives.py measure -c CAL --guard-data FILE --samples 16 --budgets 64,128 --out DIR
+    python benchmarks/guard_objectives.py measure -c CAL --guard-data FILE --samples 16 --budgets 64,128 --out DIR \
+        [--extra NAME:DIR,...]
     polykv eval --model M --tasks DEV --budgets 64,128 --methods "$(cat DIR/methods.txt)" --out DIR/eval
     python benchmarks/guard_objectives.py analyze DIR
 """
@@ -37,6 +40,10 @@ OBJECTIVES = {
     "nll-known": ("nll", True, False),
     "kl-relative": ("kl", False, True),
     "nll-relative": ("nll", False, True),
+    "own-kl": ("own_kl", False, False),
+    "own-nll": ("own_nll", False, False),
+    "own-miss": ("own_miss", False, False),
+    "miss": ("miss", False, False),
 }
 KNOWN_P = 0.5  # a sample is "known" when the full cache gives the gold answer a mean token probability >= this
 
@@ -51,6 +58,7 @@ def measure(args: argparse.Namespace) -> int:
     from polykv.answer_loss import Objective, prepare_samples
     from polykv.data import load_samples
     from polykv.models import load_model
+    from polykv.plan import Plan
     from polykv.solve.candidates import guard_candidates
     from polykv.solve.inputs import read_metadata
     from polykv.solve.runner import SolveRequest, load_table, plans_for
@@ -62,6 +70,10 @@ def measure(args: argparse.Namespace) -> int:
     frontier = [
         guard_candidates(table, b, p, request.options, provenance) for b, p in zip(budgets, solved, strict=True)
     ]
+    for spec in filter(None, args.extra.split(",")):
+        name, folder = spec.split(":", 1)
+        for b, cands in zip(budgets, frontier, strict=True):
+            cands[name] = Plan.load(Path(folder) / f"avg{b}.json")
     out: Path = args.out
     methods = ["full", "uniform:*"]
     for name in frontier[0]:
@@ -79,6 +91,7 @@ def measure(args: argparse.Namespace) -> int:
     max_context = (meta.get("settings") or {}).get("max_context")
     samples = prepare_samples(loaded, items, max_context, on_sample=lambda i: print(f"prepared {i + 1}", flush=True))
     objective = Objective(loaded.model, samples)
+    own = Objective(loaded.model, prepare_samples(loaded, items, max_context, own_answers=True))
     record: dict = {"samples": [], "budgets": {}}
     for item, s in zip(items, samples, strict=True):
         first = int(s.capture.last_logits[0].argmax()) == int(s.answer_in[0, 0])
@@ -86,6 +99,8 @@ def measure(args: argparse.Namespace) -> int:
     for b, cands in zip(budgets, frontier, strict=True):
         pool = distinct(cands)
         losses = objective.per_sample_losses([choices(p) for p in pool.values()])
+        own_losses = own.per_sample_losses([choices(p) for p in pool.values()])
+        losses.update({f"own_{k}": v for k, v in own_losses.items()})
         column = {tuple(choices(p)): i for i, p in enumerate(pool.values())}
         idx = [column[tuple(choices(cands[n]))] for n in cands]
         record["budgets"][str(b)] = {"names": list(cands), **{k: v[:, idx].tolist() for k, v in losses.items()}}
@@ -118,7 +133,7 @@ def dev_scores(eval_dir: Path) -> dict[tuple[str, int], float]:
 
 def analyze(args: argparse.Namespace) -> int:
     record = json.loads((args.out / "losses.json").read_text())
-    scores = dev_scores(args.out / "eval")
+    scores = dev_scores(args.eval or args.out / "eval")
     known = sum(np.exp(-s["full_nll"]) >= KNOWN_P for s in record["samples"])
     print(f"{len(record['samples'])} guard samples, {known} known to the full cache (p >= {KNOWN_P})")
     print("| objective | budget | chosen | dev score | best uniform (score) | best candidate (score) |")
@@ -149,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--samples", type=int, default=16)
     m.add_argument("--budgets", default="64,128")
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--extra", default="", help="NAME:DIR,... plans made elsewhere to add as candidates")
     a = sub.add_parser("analyze")
     a.add_argument("out", type=Path)
+    a.add_argument("--eval", type=Path, default=None, help="the eval of the candidates (default: OUT/eval)")
     a.add_argument("--margin", type=float, default=MARGIN)
     args = ap.parse_args(argv)
     return measure(args) if args.cmd == "measure" else analyze(args)

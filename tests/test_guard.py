@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import CAL_ARGS, write_samples
 from test_solve import make_fingerprint, synthetic_curves
 from typer.testing import CliRunner
@@ -255,3 +256,70 @@ def test_unknown_guard_objective_is_one_clear_line(calibrated, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 2 and "unknown guard objective 'bleu'" in result.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+# --- the full cache's own answer ---------------------------------------------------------------------------------
+
+
+def test_missed_share_counts_from_the_first_wrong_argmax():
+    from polykv.answer_loss import missed_share
+
+    targets = torch.tensor([[1, 2, 0, 3]])
+    logits = torch.nn.functional.one_hot(torch.tensor([[1, 2, 0, 3], [1, 0, 0, 3], [3, 2, 0, 3], [1, 2, 0, 1]]), 4)
+    # all right; wrong at 1 (later positions right again do not count); wrong at 0; wrong at the last
+    assert missed_share(logits.float(), targets).tolist() == [0.0, 0.75, 1.0, 0.25]
+
+
+def test_own_answer_is_what_the_full_cache_generates(calibrated, tiny_hf_dir):
+    from polykv.calibrate.sample import prepare
+    from polykv.prompts import encode
+
+    _, data, _ = calibrated
+    loaded = load_model(str(tiny_hf_dir))
+    item = load_samples(data)[0]
+    sample = prepare(loaded.model, loaded.tokenizer, item.context, item.question, None, 256, 16, greedy_tokens=6)
+    ids = encode(loaded.tokenizer, item.context, item.question, max_tokens=256).ids
+    with torch.no_grad():
+        ref = loaded.model.generate(ids, max_new_tokens=7, do_sample=False, eos_token_id=None, pad_token_id=0)
+    generated = ref[0, ids.shape[1] :]
+    assert sample.answer_in[0].tolist() == generated[:6].tolist()  # the chunk ...
+    assert sample.targets[0].tolist() == generated[1:7].tolist()  # ... predicts its own next tokens
+    assert sample.full_logprobs.argmax(-1).tolist() == generated[1:7].tolist()
+
+
+def test_own_miss_is_where_greedy_decoding_under_the_plan_leaves_the_full_answer(calibrated, tiny_hf_dir):
+    from polykv.generation import greedy
+    from polykv.policies import make_policy
+    from polykv.settings import LayerSetting
+
+    _, data, _ = calibrated
+    loaded = load_model(str(tiny_hf_dir))
+    items = load_samples(data)[:3]
+    samples = prepare_samples(loaded, items, 256, own_answers=True)
+    layers = loaded.model.config.num_hidden_layers
+    plans = [[("full", 0)] * layers, [("streaming", 8)] * layers, [("knorm", 4)] * layers, [("snapkv", 16)] * layers]
+    losses = Objective(loaded.model, samples).per_sample_losses(plans)
+    assert np.allclose(losses["miss"][:, 0], 0) and np.allclose(losses["kl"][:, 0], 0, atol=1e-5)
+    for s, sample in enumerate(samples):
+        m = sample.targets.shape[1]
+        for p, plan in enumerate(plans[1:], start=1):
+            settings = [LayerSetting(make_policy(policy), budget) for policy, budget in plan]
+            cache = sample.capture.compress(settings)
+            own = greedy(loaded.model, cache, sample.capture.last_logits, m + 1)[0, 1:]
+            agree = int((own == sample.targets[0]).int().cumprod(0).sum())
+            assert losses["miss"][s, p] == pytest.approx((m - agree) / m)
+    assert (losses["miss"][:, 1:] > 0).any()  # the comparison saw plans that leave the full answer
+
+
+def test_guard_by_own_answer_records_that_objective(calibrated):
+    root, data, cal = calibrated
+    out = root / "plans-own" / "avg8.json"
+    result = runner.invoke(
+        app,
+        ["solve", "-c", str(cal), "--budget", "8", "--out", str(out), "--guard-data", str(data),
+         "--guard-objective", "own-miss"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    g = Plan.load(out).provenance["guard"]
+    assert g["objective"] == OBJECTIVES["own-miss"]
+    assert all(0.0 <= v <= 1.0 for v in g["losses"].values())

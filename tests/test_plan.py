@@ -10,7 +10,17 @@ import jsonschema
 import pytest
 
 from polykv.errors import PlanError, PlanMismatchError
-from polykv.plan import SCHEMA_PATH, CostModel, LayerPlan, Plan, fingerprint_hash, plan_schema, uniform_plan
+from polykv.plan import (
+    SCHEMA_PATH,
+    CostModel,
+    LayerPlan,
+    Plan,
+    fingerprint_hash,
+    plan_schema,
+    schema_version_for,
+    uniform_plan,
+)
+from polykv.precision import kv_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +53,18 @@ def plan_dict(**changes) -> dict:
     d = json.loads(uniform_plan("org/model", fp(), "snapkv", 32, {"window": 8}).to_json())
     d.update(changes)
     return d
+
+
+def precision_plan(fingerprint: dict | None = None, bits: tuple[int, ...] = (4, 16, 2)) -> Plan:
+    """snapkv at 32 tokens on every layer, the layers' bits cycling through `bits` (version 2 unless all are 16)."""
+    fingerprint = fingerprint or fp()
+    cm = CostModel.for_fingerprint(fingerprint, precision=True)
+    layers = [
+        LayerPlan(i, "snapkv", cm.effective(i, 32), {"window": 8}, None, bits[i % len(bits)])
+        for i in range(cm.num_layers)
+    ]
+    provenance = {"polykv_version": "0", "solver": "test"}
+    return Plan(schema_version_for(layers), "m", fingerprint, 32.0, cm.total(32), cm.unit, layers, None, provenance)
 
 
 def write(tmp_path: Path, data) -> Path:
@@ -127,7 +149,7 @@ def test_check_model_names_both_fingerprints():
         (lambda d: d["layers"].pop(), "2 layers but its fingerprint has 3"),
         (lambda d: d["layers"][0].update(layer=1), "in order"),
         (lambda d: d.update(fingerprint_hash="0" * 12), "fingerprint was edited"),
-        (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+        (lambda d: d.update(schema_version=3), "schema_version 3 is not supported"),
         (lambda d: d.update(budget_unit="bytes"), "needs 'tokens'"),
         (lambda d: d.update(extra=1), "Additional properties"),
     ],
@@ -176,6 +198,91 @@ def test_docs_example_is_a_valid_plan():
     example = re.search(r"```json\n(.*?)```", doc, re.S).group(1)
     plan = Plan.from_dict(json.loads(example))
     assert plan.to_json() == example
+
+
+# --- KV precision: schema_version 2 -----------------------------------------------------------------------------------
+
+
+def test_checked_in_plans_are_version_1_at_16_bits_and_rewrite_byte_identical():
+    paths = sorted((ROOT / "plans").glob("*/avg*.json"))
+    assert paths
+    for path in paths:
+        plan = Plan.load(path)
+        assert plan.schema_version == 1 and {lp.bits for lp in plan.layers} == {16}
+        assert plan.to_json() == path.read_text(encoding="utf-8")
+
+
+def test_version_2_round_trip_with_bits_on_every_layer(tmp_path):
+    plan = precision_plan()
+    text = plan.to_json()
+    d = json.loads(text)
+    assert d["schema_version"] == 2 and d["budget_unit"] == "bytes"
+    assert [layer["bits"] for layer in d["layers"]] == [4, 16, 2]
+    assert list(d["layers"][0])[:5] == ["layer", "policy", "budget", "bits", "params"]
+    # bytes of each layer's storage (2 KV heads, head dim 16, 32 tokens) against the uniform 16-bit plan's
+    assert d["used_budget"] == kv_bytes(32, 2, 16, 4) + 4096 + kv_bytes(32, 2, 16, 2) == 1408 + 4096 + 896
+    assert d["total_budget"] == 3 * 4096
+    jsonschema.validate(d, plan_schema())
+    plan.save(tmp_path / "p.json")
+    loaded = Plan.load(tmp_path / "p.json")
+    assert loaded == plan and loaded.to_json() == text
+    assert [lp.bits for lp in loaded.layers] == [4, 16, 2]
+
+
+def test_version_2_on_sliding_layers_caps_tokens_before_pricing_bits():
+    plan = precision_plan(gemma_like(), bits=(2,))
+    assert [lp.budget for lp in plan.layers] == [7, 7, 7, 32]
+    assert plan.used_budget == 3 * kv_bytes(7, 1, 256, 2) + kv_bytes(32, 1, 256, 2)
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan
+
+
+def test_all_16_bit_layers_are_version_1_without_bits():
+    layers = precision_plan(bits=(16,)).layers
+    assert schema_version_for(layers) == 1
+    text = uniform_plan("m", fp(), "snapkv", 32, {"window": 8}).to_json()
+    assert '"bits"' not in text and json.loads(text)["schema_version"] == 1
+
+
+def test_plan_hash_covers_bits():
+    assert precision_plan().plan_hash != precision_plan(bits=(4, 16, 4)).plan_hash
+    assert precision_plan().plan_hash == Plan.from_dict(json.loads(precision_plan().to_json())).plan_hash
+
+
+def test_bits_below_16_need_version_2_and_a_supported_width():
+    plan = precision_plan()
+    plan.schema_version = 1
+    with pytest.raises(PlanError, match="layers below 16 bits need plan schema_version 2"):
+        plan.to_json()
+    for bad in (3, 32, "4"):
+        with pytest.raises(PlanError, match="bits must be 16, 8, 4 or 2"):
+            LayerPlan(0, "snapkv", 8, {}, None, bad)
+
+
+def _v2(mutate) -> dict:
+    d = json.loads(precision_plan().to_json())
+    mutate(d)
+    return d
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d["layers"][0].update(bits=3), "layers/0: bits 3 is not supported; use 16, 8, 4 or 2"),
+        (lambda d: d["layers"][2].update(bits=32), "layers/2: bits 32 is not supported"),
+        (lambda d: d["layers"][1].update(bits="4"), "layers/1: bits '4' is not supported"),
+        (lambda d: d["layers"][1].pop("bits"), "'bits' is a required property"),
+        (lambda d: d.update(schema_version=1), "layers/0 has bits, which needs schema_version 2"),
+        (lambda d: d.update(schema_version=7), "schema_version 7 is not supported .*reads 1 and 2"),
+        (lambda d: d.update(budget_unit="tokens"), "budget_unit"),
+        (lambda d: d["layers"][1].update(bits=8), "used_budget 6400 does not match the layers"),
+        (lambda d: d["layers"][0].update(budget=1000), "over total_budget"),
+        (lambda d: d.update(target={"engine": "hf", "reference_context": 64}), "whose layers run at 16 bits"),
+    ],
+)
+def test_load_rejects_bad_version_2_plans(tmp_path, mutate, match):
+    with pytest.raises(PlanError, match=match) as exc:
+        Plan.load(write(tmp_path, _v2(mutate)))
+    assert str(tmp_path) in str(exc.value) and "\n" not in str(exc.value)
 
 
 # --- fuzzing: arbitrary JSON either loads or raises PlanError, never anything else ----------------------------------
@@ -230,7 +337,10 @@ def _load_or_plan_error(d) -> None:
 def mutated_plans(draw):
     """A valid plan (tokens or bytes unit) with a few of its values replaced by arbitrary JSON or removed."""
     fingerprint = draw(st.sampled_from([fp(), gemma_like(), fp(2, num_kv_heads=[2, 4])]))
-    d = json.loads(uniform_plan("m", fingerprint, "snapkv", draw(st.integers(1, 64)), {"window": 8}).to_json())
+    if draw(st.booleans()):
+        d = json.loads(uniform_plan("m", fingerprint, "snapkv", draw(st.integers(1, 64)), {"window": 8}).to_json())
+    else:
+        d = json.loads(precision_plan(fingerprint, draw(st.sampled_from([(4, 16, 2), (8,), (16,)]))).to_json())
     for _ in range(draw(st.integers(1, 3))):
         target = draw(st.sampled_from(["top", "fingerprint", "layer", "provenance"]))
         obj = {
@@ -288,8 +398,8 @@ def test_fuzz_load_arbitrary_bytes(tmp_path, data):
 
 def test_every_field_with_every_edge_value():
     """Systematic companion of the fuzzers: each value of a valid plan replaced by each edge value, or removed."""
-    for fingerprint in (fp(), gemma_like()):
-        base = json.loads(uniform_plan("m", fingerprint, "snapkv", 16, {"window": 8}).to_json())
+    bases = [uniform_plan("m", f, "snapkv", 16, {"window": 8}) for f in (fp(), gemma_like())] + [precision_plan()]
+    for base in (json.loads(plan.to_json()) for plan in bases):
         paths = [(k,) for k in base] + [("fingerprint", k) for k in base["fingerprint"]]
         paths += [("layers", 0, k) for k in base["layers"][0]] + [("provenance", k) for k in base["provenance"]]
         paths += [("layers", 0, "params", "window"), ("fingerprint", "num_kv_heads", 0), ("fingerprint", "head_dim", 1)]

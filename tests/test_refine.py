@@ -48,6 +48,25 @@ def test_neighbours_are_one_budget_step_or_another_policy():
     assert ("snapkv", 1024) not in neighbours(("snapkv", 512), GRID, POLICIES)  # nothing above it
 
 
+def test_refine_refuses_a_plan_with_layers_below_16_bits_before_measuring():
+    from polykv.errors import PlanError
+    from polykv.plan import CostModel, LayerPlan, schema_version_for
+
+    fp = {
+        "model_type": "llama",
+        "num_layers": 2,
+        "num_kv_heads": [1, 1],
+        "head_dim": [16, 16],
+        "layer_types": ["full_attention"] * 2,
+        "sliding_window": None,
+    }
+    cm = CostModel.for_fingerprint(fp, precision=True)
+    layers = [LayerPlan(0, "snapkv", 16, {}, None, 4), LayerPlan(1, "snapkv", 16, {})]
+    plan = Plan(schema_version_for(layers), "m", fp, 16.0, cm.total(16), cm.unit, layers, None)
+    with pytest.raises(PlanError, match=r"layers \[0\] are below 16 bits"):
+        refine_plan(None, [], plan, GRID, POLICIES)  # no model needed: refused before any measurement
+
+
 def test_objective_equals_a_direct_measurement_per_plan(setup):
     """Rows of one shared-prefix batch give each plan's own answer KL, as a single compressed cache does."""
     loaded, samples = setup

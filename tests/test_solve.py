@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from polykv.errors import CalibrationError, InfeasibleError, InputError, SolveError
 from polykv.plan import CostModel, Plan, fingerprint_hash
 from polykv.policy_params import param_defaults
+from polykv.precision import kv_bytes
 from polykv.solve import (
     Aggregation,
     Pin,
@@ -544,3 +545,197 @@ def test_same_inputs_give_byte_identical_plans(tmp_path):
     prov = json.loads(texts[0][0])["provenance"]
     assert prov["calibration_data_hash"] == "d" * 16 and len(prov["parquet_hash"]) == 16
     assert load_calibration(cal).parquet_hash == prov["parquet_hash"]
+
+
+# --- KV precision ----------------------------------------------------------------------------------------------------
+
+# Plans solved before calibrations could carry bits (same curves, same options): (average budget, constrained?) ->
+# per-layer policy@budget, used and total budget. A calibration without bits must still give exactly these.
+GOLDEN_FINGERPRINTS = {
+    "tokens": make_fingerprint(num_layers=6),
+    "bytes": make_fingerprint(
+        num_layers=4, kv_heads=[1, 1, 4, 4], head_dim=[32, 32, 16, 16], sliding=[0, 2], window=32
+    ),
+}
+GOLDEN = {
+    ("tokens", 24, False): ("streaming@16 snapkv@16 h2o@64 streaming@16 h2o@16 snapkv@16", 144, 144),
+    ("tokens", 24, True): ("full@64 streaming@16 streaming@16 streaming@16 streaming@16 streaming@16", 144, 144),
+    ("tokens", 40, False): ("streaming@32 snapkv@16 h2o@128 streaming@16 h2o@16 snapkv@32", 240, 240),
+    ("tokens", 40, True): ("full@64 streaming@64 streaming@16 streaming@16 streaming@64 streaming@16", 240, 240),
+    ("tokens", 100, False): ("streaming@64 snapkv@64 h2o@128 streaming@64 h2o@128 streaming@128", 576, 600),
+    ("tokens", 100, True): ("full@64 streaming@128 streaming@128 streaming@16 streaming@128 streaming@128", 592, 600),
+    ("bytes", 24, False): ("h2o@31 snapkv@16 streaming@31 streaming@16", 18048, 18432),
+    ("bytes", 24, True): ("full@31 snapkv@16 snapkv@16 snapkv@32", 18304, 18432),
+    ("bytes", 40, False): ("h2o@31 snapkv@64 streaming@31 streaming@16", 24192, 27264),
+    ("bytes", 40, True): ("full@31 streaming@64 streaming@31 streaming@16", 24192, 27264),
+    ("bytes", 100, False): ("h2o@31 snapkv@128 streaming@31 streaming@64", 44672, 50304),
+    ("bytes", 100, True): ("full@31 streaming@128 streaming@31 streaming@64", 44672, 50304),
+}
+CONSTRAINED = SolveOptions(max_policies=1, pins={0: Pin("full")}, full_cost=64)
+
+
+def bits_curves(fp: dict, bits=(16, 8, 4, 2), seed: int = 0, **kw) -> pd.DataFrame:
+    """`synthetic_curves` at every width of `bits` (a `bits` column): below 16 bits each layer adds its own error,
+    growing as the width shrinks (0 at 16, 1/7 at 8, 3/7 at 4, 1 at 2, times up to 0.5), so no width wins everywhere."""
+    base = synthetic_curves(fp, seed=seed, **kw)
+    error = np.random.default_rng(seed + 1).uniform(0.0, 0.5, size=fp["num_layers"])
+    parts = []
+    for q in bits:
+        part = base.assign(bits=q)
+        evicting = (part["policy"] != "full").to_numpy()
+        added = error[part["layer"].to_numpy()] * (16 / q - 1) / 7
+        part["value"] = part["value"].to_numpy() + np.where(evicting, added, 0.0)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def describe_layers(plan: Plan) -> str:
+    return " ".join(f"{lp.policy}@{lp.budget}" for lp in plan.layers)
+
+
+@pytest.mark.parametrize("key", sorted(GOLDEN, key=str))
+def test_calibration_without_bits_gives_the_plans_it_gave_before(key):
+    name, avg, constrained = key
+    fp = GOLDEN_FINGERPRINTS[name]
+    table = aggregate(synthetic_curves(fp, samples=3), fp, "test/model", policy_params={"snapkv": {"window": 8}})
+    plan = solve_plan(table, avg, CONSTRAINED if constrained else SolveOptions())
+    assert (describe_layers(plan), plan.used_budget, plan.total_budget) == GOLDEN[key]
+    assert plan.schema_version == 1 and '"bits"' not in plan.to_json()
+    assert not table.precision and table.bits == (16,)
+
+
+def test_a_bits_column_of_16_only_changes_nothing():
+    fp = GOLDEN_FINGERPRINTS["bytes"]
+    curves = synthetic_curves(fp, samples=3)
+    plain = aggregate(curves, fp, "m")
+    sixteen = aggregate(curves.assign(bits=16), fp, "m")
+    nulls = aggregate(curves.assign(bits=pd.array([None] * len(curves), dtype="Int32")), fp, "m")
+    for other in (sixteen, nulls):
+        pd.testing.assert_frame_equal(plain.frame, other.frame)
+        for avg in (24, 100):
+            assert solve_plan(plain, avg).to_json() == solve_plan(other, avg).to_json()
+
+
+def _brute_force_plan(table, fp: dict, avg: int) -> float | None:
+    """Least total loss over every (policy, budget, bits) per layer whose bytes fit the uniform 16-bit plan's,
+    priced here from the storage layout directly (`kv_bytes`), not through the solver's cost model."""
+    window = fp["sliding_window"]
+    caps = [window - 1 if "sliding" in t and window else None for t in fp["layer_types"]]
+    capacity = sum(
+        kv_bytes(min(avg, c) if c else avg, h, d, 16)
+        for h, d, c in zip(fp["num_kv_heads"], fp["head_dim"], caps, strict=True)
+    )
+    options = []
+    for layer, g in table.frame.groupby("layer", sort=True):
+        h, d = fp["num_kv_heads"][layer], fp["head_dim"][layer]
+        options.append([(kv_bytes(int(r.budget), h, d, int(r.bits)), float(r.loss)) for r in g.itertuples()])
+    best = None
+    for combo in itertools.product(*options):
+        if sum(c for c, _ in combo) <= capacity:
+            total = fsum(f for _, f in combo)
+            best = total if best is None else min(best, total)
+    return best
+
+
+@pytest.mark.parametrize(
+    "fp",
+    [
+        make_fingerprint(num_layers=3),
+        make_fingerprint(num_layers=3, kv_heads=[1, 2, 4], head_dim=[32, 16, 16], sliding=[1], window=24),
+    ],
+    ids=["equal-layers", "unequal-sliding"],
+)
+@pytest.mark.parametrize("avg", [3, 5, 8, 20, 40, 70])
+def test_solver_with_bits_equals_brute_force(fp, avg):
+    table = aggregate(bits_curves(fp, bits=(16, 4, 2), policies=("snapkv", "h2o"), budgets=(16, 32, 64)), fp, "m")
+    assert table.precision and table.bits == (16, 4, 2) and table.cost_model.unit == "bytes"
+    expected = _brute_force_plan(table, fp, avg)
+    for solver in ("dp", "ilp"):
+        options = SolveOptions(solver=solver, cross_check=True)
+        if expected is None:
+            with pytest.raises(InfeasibleError, match="bytes but the cheapest allowed plan costs"):
+                solve_plan(table, avg, options)
+            continue
+        plan = solve_plan(table, avg, options)
+        assert _close(plan.predicted_loss, expected)
+        priced = [
+            kv_bytes(lp.budget, fp["num_kv_heads"][lp.layer], fp["head_dim"][lp.layer], lp.bits) for lp in plan.layers
+        ]
+        if plan.schema_version == 2:
+            assert plan.budget_unit == "bytes" and plan.used_budget == sum(priced) <= plan.total_budget
+        else:  # every layer at 16 bits: written in the version-1 unit of its fingerprint
+            assert {lp.bits for lp in plan.layers} == {16} and sum(priced) <= table.cost_model.total(avg)
+        assert Plan.from_dict(json.loads(plan.to_json())).to_json() == plan.to_json()
+
+
+def test_precision_plans_mix_bits_and_beat_every_uniform_option(tmp_path):
+    fp = make_fingerprint(num_layers=6)
+    table = aggregate(bits_curves(fp, samples=3), fp, "m", policy_params={"snapkv": {"window": 8}})
+    plans = solve_frontier(table, (16, 32))
+    assert {lp.bits for plan in plans for lp in plan.layers} > {16}
+    for plan in plans:
+        assert plan.schema_version == 2 and plan.budget_unit == "bytes"
+        assert plan.total_budget == 6 * 128 * plan.average_budget  # the uniform 16-bit plan's bytes
+        assert plan.provenance["options"]["bits"] == [16, 8, 4, 2]
+        assert all(
+            lp.predicted_loss == table.predicted_loss(lp.layer, lp.policy, lp.budget, lp.bits) for lp in plan.layers
+        )
+        uniform = summarize(plan, table).best_uniform
+        assert uniform is not None and plan.predicted_loss <= uniform.loss + 1e-12
+        path = tmp_path / f"avg{plan.average_budget:g}.json"
+        plan.save(path)
+        assert Plan.load(path).to_json() == plan.to_json()
+    # 4 bits buy more tokens than 16 for the same bytes, so some layer keeps more than the average
+    assert max(lp.budget for lp in plans[0].layers) > 16
+
+
+def test_bits_that_never_pay_give_the_16_bit_plan_as_version_1():
+    fp = make_fingerprint(num_layers=6)
+    curves = synthetic_curves(fp, samples=3)
+    lossy = bits_curves(fp, bits=(16, 4), samples=3)
+    lossy.loc[lossy["bits"] == 4, "value"] += 100.0  # quantising costs far more than any eviction saves
+    plain, precise = aggregate(curves, fp, "m"), aggregate(lossy, fp, "m")
+    for avg in (24, 64):
+        a, b = solve_plan(plain, avg), solve_plan(precise, avg)
+        assert b.schema_version == 1 and b.budget_unit == "tokens" and b.total_budget == 6 * avg
+        assert describe_layers(a) == describe_layers(b) and b.used_budget == a.used_budget
+
+
+def test_allocations_and_targets_from_a_precision_table_are_16_bit():
+    fp = make_fingerprint(num_layers=4)
+    table = aggregate(bits_curves(fp, policies=("snapkv", "window"), budgets=(16, 32, 64)), fp, "m")
+    uniform = allocation_plan(table, "uniform", "snapkv", 32)
+    assert uniform.schema_version == 1 and uniform.budget_unit == "tokens" and uniform.predicted_loss is not None
+    from polykv.solve.targets import Target, solve_target
+
+    target = solve_target(table, 32, Target("hf", 128))
+    assert target.schema_version == 1 and {lp.bits for lp in target.layers} == {16}
+
+
+def test_curves_with_unsupported_bits_or_missing_widths_give_one_line():
+    fp = make_fingerprint(num_layers=2)
+    curves = bits_curves(fp, bits=(16, 4))
+    bad = curves.assign(bits=np.where(curves["bits"] == 4, 3, 16))
+    with pytest.raises(CalibrationError, match="bits column holds 3; KV precision must be 16, 8, 4 or 2") as exc:
+        aggregate(bad, fp, "m")
+    assert "\n" not in str(exc.value)
+    gap = (curves["layer"] == 1) & (curves["policy"] == "h2o") & (curves["budget"] == 32) & (curves["bits"] == 4)
+    with pytest.raises(CalibrationError, match=r"layer 1 h2o@32 at 4 bits \(4 of 4 samples\)"):
+        aggregate(curves[~gap], fp, "m")
+    assert (
+        not aggregate(curves[~gap], fp, "m", allow_missing=True)
+        .frame.query("layer == 1 and policy == 'h2o' and budget == 32 and bits == 4")
+        .size
+    )
+
+
+def test_byte_budget_below_the_cheapest_option_is_one_line():
+    fp = make_fingerprint(num_layers=4)
+    table = aggregate(bits_curves(fp, bits=(16, 2)), fp, "m")
+    cheapest = 4 * kv_bytes(16, 2, 16, 2)
+    with pytest.raises(InfeasibleError) as exc:
+        solve_plan(table, 1)
+    assert str(exc.value) == (
+        f"average budget 1 allows {4 * 128} bytes but the cheapest allowed plan costs {cheapest} bytes; "
+        "raise the budget"
+    )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import typer
-from test_solve import make_fingerprint, synthetic_curves, write_calibration
+from test_solve import bits_curves, make_fingerprint, synthetic_curves, write_calibration
 from typer.testing import CliRunner
 
 from polykv.plan import Plan
@@ -127,6 +127,34 @@ def test_plan_validate_show_diff(app, cal, tmp_path):
     assert r.exit_code == 1 and "layers that differ" in r.output
     r = invoke(app, "plan", "show", tmp_path / "missing.json")
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_solve_with_bits_then_show_and_diff_them(app, tmp_path):
+    from dataclasses import replace
+
+    fp = make_fingerprint(num_layers=4)
+    cal = write_calibration(tmp_path / "cal", fp, bits_curves(fp, model="test/model"))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    r = invoke(app, "solve", "-c", cal, "--budget", 16, "-o", a)
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(a)
+    assert plan.schema_version == 2 and {lp.bits for lp in plan.layers} - {16}
+    r = invoke(app, "plan", "show", a)
+    assert r.exit_code == 0 and "bits" in r.output and "bytes" in r.output
+    rows = [[cell.strip() for cell in line.split("│")] for line in r.output.splitlines() if "│" in line]
+    assert [int(row[4]) for row in rows] == [lp.bits for lp in plan.layers]  # layer, type, policy, budget, bits
+    k = next(i for i, lp in enumerate(plan.layers) if lp.bits != 2)
+    plan.layers[k] = replace(plan.layers[k], bits=2)  # fewer bytes, so still within the budget
+    plan.save(b)
+    r = invoke(app, "plan", "diff", a, b)
+    assert r.exit_code == 1 and f"{plan.layers[k].policy}@{plan.layers[k].budget}/2b" in r.output
+
+
+def test_plan_show_has_no_bits_column_for_16_bit_plans(app, cal, tmp_path):
+    a = tmp_path / "a.json"
+    assert invoke(app, "solve", "-c", cal, "--budget", 32, "-o", a).exit_code == 0
+    header = next(line for line in invoke(app, "plan", "show", a).output.splitlines() if "policy" in line)
+    assert "bits" not in header and "budget" in header
 
 
 def test_solve_reports_the_cross_check(app, cal, tmp_path):

@@ -151,3 +151,21 @@ def test_engines_read_a_window_layer_as_the_policy_runs_it():
 
     for budget, params in ((8, {}), (8, {"sinks": 2}), (8, {"window": 6, "sinks": 2}), (5, {"window": 5})):
         assert span("window", budget, params) == make_policy("window", params).attention_span(budget)
+
+
+def test_a_target_plan_edited_past_what_its_engine_runs_does_not_load():
+    from polykv.errors import PlanError
+
+    plan = solve_target(window_table(make_fingerprint(num_layers=4, model_type="qwen2")), 48, Target("hf", REF))
+    d = json.loads(plan.to_json())
+    Plan.from_dict(d)
+    d["layers"][1].update(policy="snapkv", params={})
+    with pytest.raises(PlanError, match="names target hf but layer 1 uses snapkv"):
+        Plan.from_dict(d)
+    d["target"]["engine"] = "trtllm"
+    d["target"]["max_windows"] = 1
+    d["layers"][1].update(policy="window", budget=16, params={"window": 16, "sinks": 0})
+    d["layers"][2].update(policy="window", budget=32, params={"window": 32, "sinks": 0})
+    d.pop("used_budget")
+    with pytest.raises(PlanError, match="distinct attention windows, over max_windows 1"):
+        Plan.from_dict(d)

@@ -37,6 +37,11 @@ def _loss(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def _option(policy: str, budget: int, bits: int) -> str:
+    """`snapkv@64`, or `snapkv@64/4b` below 16 bits."""
+    return f"{policy}@{budget}" + ("" if bits == 16 else f"/{bits}b")
+
+
 def guard_line(g: dict) -> str:
     """What the guard of `polykv solve` measured: answer KL of the solved plan, the best uniform policy, and what
     was written."""
@@ -83,7 +88,8 @@ def register(app: typer.Typer) -> None:
         path: Path = typer.Argument(..., help="Plan file."),
         width: int = typer.Option(32, "--width", help="Width of the longest budget bar."),
     ) -> None:
-        """Per-layer table: policy, budget (with a bar coloured by policy) and predicted loss."""
+        """Per-layer table: policy, budget (with a bar coloured by policy), bits (when a layer is below 16) and
+        predicted loss."""
         from polykv.plan import Plan, describe_fingerprint
 
         plan = Plan.load(path)
@@ -118,12 +124,14 @@ def register(app: typer.Typer) -> None:
             out.print(guard_line(prov["guard"]), highlight=False, soft_wrap=True)
         top = max(lp.budget for lp in plan.layers)
         types = plan.fingerprint["layer_types"]
+        with_bits = any(lp.bits != 16 for lp in plan.layers)
         table = Table(show_edge=False, pad_edge=False)
         for col, justify in (
             ("layer", "right"),
             ("type", "left"),
             ("policy", "left"),
             ("budget", "right"),
+            *((("bits", "right"),) if with_bits else ()),
             ("", "left"),
             ("pred. loss", "right"),
             ("params", "left"),
@@ -138,6 +146,7 @@ def register(app: typer.Typer) -> None:
                 types[lp.layer].replace("_attention", ""),
                 Text(lp.policy, style=color),
                 str(lp.budget),
+                *((str(lp.bits),) if with_bits else ()),
                 bar,
                 _loss(lp.predicted_loss),
                 params,
@@ -150,7 +159,7 @@ def register(app: typer.Typer) -> None:
         a: Path = typer.Argument(..., help="First plan."),
         b: Path = typer.Argument(..., help="Second plan."),
     ) -> None:
-        """Layers whose policy, budget or params differ, and the totals; exit 0 if same, 1 if different."""
+        """Layers whose policy, budget, bits or params differ, and the totals; exit 0 if same, 1 if different."""
         from polykv.plan import Plan
 
         pa, pb = Plan.load(a), Plan.load(b)
@@ -183,7 +192,7 @@ def register(app: typer.Typer) -> None:
         for col in ("layer", "a", "b", "Δ budget", "Δ loss"):
             layers.add_column(col, justify="right" if col in ("layer", "Δ budget", "Δ loss") else "left")
         for la, lb in zip(pa.layers, pb.layers, strict=False):
-            if (la.policy, la.budget, la.params) == (lb.policy, lb.budget, lb.params):
+            if (la.policy, la.budget, la.bits, la.params) == (lb.policy, lb.budget, lb.bits, lb.params):
                 continue
             delta = (
                 "-"
@@ -192,8 +201,8 @@ def register(app: typer.Typer) -> None:
             )
             layers.add_row(
                 str(la.layer),
-                Text(f"{la.policy}@{la.budget}", style=policy_color(la.policy)),
-                Text(f"{lb.policy}@{lb.budget}", style=policy_color(lb.policy)),
+                Text(_option(la.policy, la.budget, la.bits), style=policy_color(la.policy)),
+                Text(_option(lb.policy, lb.budget, lb.bits), style=policy_color(lb.policy)),
                 f"{lb.budget - la.budget:+d}",
                 delta,
             )

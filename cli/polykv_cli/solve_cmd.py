@@ -32,6 +32,11 @@ def _fmt_loss(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def _bits(bits: int) -> str:
+    """`/4b` below 16 bits, else nothing."""
+    return "" if bits == 16 else f"/{bits}b"
+
+
 def _describe(agg) -> str:
     text = "mean" if agg.statistic == "mean" else f"quantile {agg.q:g}"
     if agg.category_weights:
@@ -150,7 +155,10 @@ def register(app: typer.Typer) -> None:
             help="Standard errors by which another candidate must beat the solved plan to replace it.",
         ),
         guard_objective: str = typer.Option(
-            "kl", "--guard-objective", help="Loss the guard judges by: kl (answer KL to the full cache) | nll."
+            "kl",
+            "--guard-objective",
+            help="Loss the guard judges by: kl (answer KL to the full cache) | nll (gold answer) | own-kl | "
+            "own-miss (on the full cache's own greedy answer).",
         ),
         guard_model: str | None = typer.Option(
             None, "--guard-model", help="Model to load (default: the calibration's)."
@@ -256,7 +264,7 @@ def register(app: typer.Typer) -> None:
             grid.add_row(
                 f"{s.average_budget:g}",
                 _fmt_loss(s.predicted_loss),
-                "-" if u is None else f"{u.policy}@{u.budget} {_fmt_loss(u.loss)}",
+                "-" if u is None else f"{u.policy}@{u.budget}{_bits(u.bits)} {_fmt_loss(u.loss)}",
                 "-" if s.gain is None else f"{-100 * s.gain:+.1f}%",
                 f"{s.budget_min}/{s.budget_median:g}/{s.budget_max}",
                 f"{100 * s.used_budget / s.total_budget:.0f}%",

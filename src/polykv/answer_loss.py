@@ -56,10 +56,13 @@ class Objective:
 
     @torch.no_grad()
     def per_sample_losses(self, plans: list[list[Choice]]) -> dict[str, np.ndarray]:
-        """(samples, plans) per loss: `kl`, KL(full cache || plan) on the teacher-forced answer, and `nll`, the rise
-        of the gold answer's mean NLL over the full cache's (what the plan costs the right answer itself)."""
+        """(samples, plans) per loss: `kl`, KL(full cache || plan) on the teacher-forced answer; `nll`, the rise
+        of the answer's mean NLL over the full cache's (what the plan costs the answer itself); `miss`, the share
+        of the answer that greedy decoding under the plan does not reproduce (one minus the teacher-forced
+        positions before its first wrong argmax: up to there, teacher forcing is the plan's own greedy decoding)."""
         kl = np.zeros((len(self.samples), len(plans)))
         nll = np.zeros_like(kl)
+        miss = np.zeros_like(kl)
         with polykv_attention(self.model):
             for s, sample in enumerate(self.samples):
                 for start in range(0, len(plans), self.max_rows):
@@ -71,14 +74,29 @@ class Objective:
                     row_nll, row_kl = answer_losses(sample, logits.float())
                     kl[s, start : start + len(group)] = row_kl.cpu().numpy()
                     nll[s, start : start + len(group)] = row_nll.cpu().numpy() - sample.full_nll
+                    miss[s, start : start + len(group)] = missed_share(logits, sample.targets).cpu().numpy()
         self.evaluated += len(plans)
-        return {"kl": kl, "nll": nll}
+        return {"kl": kl, "nll": nll, "miss": miss}
+
+
+def missed_share(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row of (rows, m, V) teacher-forced logits: the share of the m targets from the first position whose
+    argmax is not the target on (0 when every position's argmax is its target)."""
+    wrong = logits.argmax(-1) != targets.expand(len(logits), -1)
+    m = wrong.shape[1]
+    first = torch.where(wrong.any(-1), wrong.float().argmax(-1), torch.full_like(wrong[:, 0], m, dtype=torch.long))
+    return (m - first).float() / m
 
 
 def prepare_samples(
-    loaded, items: list, max_context: int | None, on_sample: Callable[[int], None] | None = None
+    loaded,
+    items: list,
+    max_context: int | None,
+    on_sample: Callable[[int], None] | None = None,
+    own_answers: bool = False,
 ) -> list[PreparedSample]:
-    """Prefill each calibration item once (capture + teacher-forced full-cache answer), as `calibrate` does."""
+    """Prefill each calibration item once (capture + teacher-forced full-cache answer), as `calibrate` does; with
+    `own_answers`, the answer is the full cache's own greedy continuation instead of the item's gold answer."""
     from polykv.calibrate.runner import CAPTURE_WINDOW
     from polykv.calibrate.sample import prepare
 
@@ -90,7 +108,7 @@ def prepare_samples(
                 loaded.tokenizer,
                 item.context,
                 item.question,
-                item.answers[0],
+                None if own_answers else item.answers[0],
                 max_context,
                 CAPTURE_WINDOW,
             )

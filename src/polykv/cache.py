@@ -14,6 +14,12 @@ c - column < window or column a sink, in the prefill too (`polykv.attention`); r
 spans (a stacked eval batch, a calibration batch of options). It drops what falls behind the window, sinks
 excepted, once `SPAN_SLACK` such tokens have gathered (one gather, instead of a copy per decoded token).
 
+A layer with `bits` < 16 (KV precision; 16 = the model's dtype) stores what it kept at compression quantized
+(`polykv.quantized_tokens`: keys per channel, values per token, KIVI); `keys`/`values` then hold only the residual,
+the tokens decoded since the last full group of `group`, in the model's dtype, and attention reads every token
+dequantized followed by the residual (`stored()`), so every attention path works unchanged. Its `columns` (and
+`entry_valid`) still cover every stored token, quantized ones first.
+
 `get_seq_length()` is the logical length (columns seen), so new tokens get the right positions and the caller's
 2-D attention mask keeps its usual meaning.
 """
@@ -26,6 +32,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from polykv.quantize import DEFAULT_GROUP
+from polykv.quantized_tokens import QuantizedTokens
 from polykv.sliding import reach
 
 #: out-of-window tokens a spanned layer lets gather before it drops them
@@ -114,6 +122,11 @@ class PolyKVLayer(SeenColumnsLayer):
         #: per row (B,): the window of a spanned layer, and the column below which the row's tokens are sinks
         self.row_window: Tensor | None = None
         self.sink_end: Tensor | None = None
+        #: KV precision of what compression keeps (16: the model's dtype, unquantized), and its group size
+        self.bits = 16
+        self.group = DEFAULT_GROUP
+        #: the quantized tokens (the oldest ones) of a layer with bits < 16 once compressed, else None
+        self.quantized: QuantizedTokens | None = None
 
     def start_span(self, batch: int, column_valid: Tensor | None, device) -> None:
         """Turn `span` into per-row tensors for a batch of `batch` rows (`column_valid` (B, T) marks left padding:
@@ -160,7 +173,24 @@ class PolyKVLayer(SeenColumnsLayer):
             if self.entry_valid is not None:
                 self._append("entry_valid", torch.ones(batch, heads, new, dtype=torch.bool, device=key_states.device))
         self.seen += new
+        if self.quantized is not None:
+            return self._flush_residual()
         return self.keys, self.values
+
+    def _flush_residual(self) -> tuple[Tensor, Tensor]:
+        """Quantize the residual's full groups into the store; returns every stored key/value (`stored()`)."""
+        full = self.keys.shape[2] - self.keys.shape[2] % self.group
+        if full:
+            self.quantized = self.quantized.append(self.keys[:, :, :full], self.values[:, :, :full])
+            self.keys, self.values = self.keys[:, :, full:], self.values[:, :, full:]
+        return self.stored()
+
+    def stored(self) -> tuple[Tensor, Tensor]:
+        """Every stored key and value (B, Hkv, N, D) in token order: on a quantized layer, the quantized tokens
+        dequantized and then the residual."""
+        if self.quantized is None:
+            return self.keys, self.values
+        return self.quantized.followed_by(self.keys, self.values)
 
     def _append(self, name: str, new: Tensor) -> None:
         """Append to `self.<name>` in place when it can (`append_tokens`); it stays a view of its buffer."""
@@ -168,9 +198,13 @@ class PolyKVLayer(SeenColumnsLayer):
         setattr(self, name, view)
 
     def keep(self, indices: Tensor, entry_valid: Tensor | None = None) -> None:
-        """Keep only `indices` (B, Hkv, K) of the stored tokens (from `policies.select`)."""
+        """Keep only `indices` (B, Hkv, K) of the stored tokens (from `policies.select`); with bits < 16 what is
+        kept is then quantized (re-quantized, on a layer already quantized: a spanned layer dropping its oldest)."""
         from polykv.kernels import gather_kv
 
+        if self.quantized is not None:
+            self.keys, self.values = self.stored()
+            self.quantized = None
         self.keys, self.values = gather_kv(self.keys, self.values, indices)
         self.columns = torch.gather(self.columns, -1, indices)
         if self.entry_valid is not None:
@@ -180,6 +214,17 @@ class PolyKVLayer(SeenColumnsLayer):
         self.uniform_heads = bool((indices == indices[:, :1]).all())
         self.compressed = True
         self._front, self._dense = None, False
+        if self.bits < 16:
+            self._quantize_kept()
+
+    def _quantize_kept(self) -> None:
+        """Move every stored token into the quantized store; the residual starts empty (and owns no old buffer)."""
+        keys, values = self.keys, self.values
+        self.quantized = QuantizedTokens(self.bits, self.group).append(keys, values)
+        self.keys = keys.new_empty(*keys.shape[:2], 0, keys.shape[3])
+        self.values = values.new_empty(*values.shape[:2], 0, values.shape[3])
+        self._buffers.pop("keys", None)
+        self._buffers.pop("values", None)
 
     def drop_unreachable(self) -> None:
         """On a sliding layer, drop the stored tokens that no query from column `seen` on can attend to.
@@ -224,7 +269,13 @@ class PolyKVLayer(SeenColumnsLayer):
     def _drop_first(self, count: int) -> None:
         """Drop the first `count` entries of every row and head (the views move forward in their buffers)."""
         if count > 0:
-            for name in ("keys", "values", "columns", "entry_valid"):
+            names = ("keys", "values", "columns", "entry_valid")
+            if self.quantized is not None:  # the oldest tokens are the quantized ones; the residual loses the rest
+                taken = min(count, self.quantized.tokens)
+                self.quantized = self.quantized.drop_first(taken)
+                self.keys, self.values = self.keys[:, :, count - taken :], self.values[:, :, count - taken :]
+                names = names[2:]
+            for name in names:
                 if getattr(self, name) is not None:
                     setattr(self, name, getattr(self, name)[:, :, count:])
 
@@ -246,7 +297,9 @@ class PolyKVLayer(SeenColumnsLayer):
 
     @property
     def kept_tokens(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        if self.keys is None:
+            return 0
+        return self.keys.shape[-2] + (0 if self.quantized is None else self.quantized.tokens)
 
     @property
     def full_tokens(self) -> int:
@@ -256,14 +309,23 @@ class PolyKVLayer(SeenColumnsLayer):
     def bytes_per_token(self) -> int:
         """Bytes one stored token costs over the batch and KV heads: its key plus its value, each at its own head dim
         and dtype (V's head dim may differ from K's, as in MLA). Kept entries own their storage (`keep` copies), so
-        this times `kept_tokens` is the memory the layer holds right after compression."""
+        this times `kept_tokens` is the memory an unquantized layer holds right after compression (`kv_bytes`)."""
         if self.keys is None:
             return 0
         return sum(t.shape[0] * t.shape[1] * t.shape[3] * t.element_size() for t in (self.keys, self.values))
 
+    def kv_bytes(self) -> int:
+        """Bytes of K and V the layer holds: `bytes_per_token` per stored token, except that quantized tokens count
+        the storage of their packed codes, scales and zero points (`QuantizedTokens.nbytes`)."""
+        if self.quantized is None:
+            return self.bytes_per_token() * self.kept_tokens
+        return self.quantized.nbytes + self.bytes_per_token() * self.keys.shape[2]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self._front, self._dense = None, False
+        if self.quantized is not None:
+            self.quantized = self.quantized.select_rows(beam_idx)
         if self.columns is not None:
             self.columns = self.columns.index_select(0, beam_idx.to(self.columns.device))
         if self.entry_valid is not None:
@@ -344,6 +406,7 @@ class PolyKVCache(Cache):
             raise ValueError(f"{len(settings)} layer settings for a model with {len(layers)} layers")
         for layer, setting in zip(layers, settings or [], strict=False):
             layer.span = None if setting is None else setting.policy.attention_span(setting.budget)
+            layer.bits = 16 if setting is None else setting.bits
         return cls(layers, settings=settings, observer=observer)
 
     def track_padding(self, attention_mask: Tensor | None, new_tokens: int, batch: int, device) -> None:
@@ -366,9 +429,8 @@ class PolyKVCache(Cache):
         for layer in self.layers:
             out.kept_tokens.append(layer.kept_tokens)
             out.full_tokens.append(layer.full_tokens)
-            per = layer.bytes_per_token()
-            out.kv_bytes += per * layer.kept_tokens
-            out.kv_bytes_full += per * layer.full_tokens
+            out.kv_bytes += layer.kv_bytes()
+            out.kv_bytes_full += layer.bytes_per_token() * layer.full_tokens
             if layer.columns is not None:
                 out.index_bytes += layer.columns.numel() * layer.columns.element_size()
         return out
@@ -403,6 +465,8 @@ def stack(caches: list[PolyKVCache], slack: int = 0) -> PolyKVCache:
     """
     layers = []
     for per_row in zip(*(c.layers for c in caches), strict=True):
+        if any(layer.quantized is not None for layer in per_row):
+            raise ValueError("quantized layers (bits < 16) cannot be stacked into one batch; decode their rows alone")
         width = max(layer.keys.shape[2] for layer in per_row)
         first = per_row[0]
         dst = PolyKVLayer(first.sliding_window)

@@ -82,6 +82,7 @@ class Capture:
                     raise ValueError(
                         f"policy {setting.policy.name} needs cumulative attention; capture with cumulative=True"
                     )
+                dst.bits = setting.bits
                 dst.keep(setting.kept_indices(obs))
                 if setting.span is not None:  # the window slides on from here; the capture's prefill stays full
                     dst.span = setting.span

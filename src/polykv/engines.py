@@ -91,22 +91,13 @@ def period_of(sliding: list[bool]) -> int | None:
 
 
 def problems_for(target: str, plan) -> list[str]:
-    """Why `target` cannot run `plan`, one entry per kind of problem naming the layers (empty: it can)."""
+    """Why `target` cannot run `plan` on the plan's model, one entry per kind of problem naming the layers (empty:
+    it can): `shape_problems`, and whether the engine reads per-layer windows for that architecture at all."""
     windows, problems = layout(plan)
-    fp = plan.fingerprint
     if problems:
         return [f"{', '.join(problems)} (engines run only full or window layers)"]
-
-    def layers(pred) -> str:
-        return ", ".join(str(i) for i, w in enumerate(windows) if pred(w))
-
+    model_type = plan.fingerprint["model_type"]
     out = []
-    if target == "trtllm":
-        sinks = {w.sinks for w in windows if w.window is not None}
-        if len(sinks) > 1:
-            out.append(f"windowed layers use different sink counts {sorted(sinks)} (one sink_token_length per model)")
-        return out
-    model_type = fp["model_type"]
     if target in ("hf", "vllm") and model_type not in LAYER_TYPES_MODELS:
         out.append(f"{model_type} does not read per-layer layer_types (supported: {', '.join(LAYER_TYPES_MODELS)})")
     if target == "llamacpp" and gguf_arch(model_type) not in LLAMACPP_SWA:
@@ -114,18 +105,43 @@ def problems_for(target: str, plan) -> list[str]:
             f"llama.cpp runs no sliding window from GGUF metadata for {gguf_arch(model_type)} "
             f"(it does for {', '.join(LLAMACPP_SWA)})"
         )
-    with_sinks = layers(lambda w: w.window is not None and w.sinks)
-    if with_sinks:
-        out.append(f"layers {with_sinks} have attention sinks ({target} has none)")
-    sizes = sorted({w.window for w in windows if w.window is not None})
-    if len(sizes) > 1:
-        each = "; ".join(f"{size} on layers {layers(lambda w, size=size: w.window == size)}" for size in sizes)
-        out.append(f"windows of {len(sizes)} sizes ({each}), but one sliding_window per model")
+    out += shape_problems(target, plan)
     if target == "llamacpp" and LLAMACPP_SWA.get(gguf_arch(model_type)) == "period":
         sliding = [w.window is not None for w in windows]
         if period_of(sliding) is None:
             out.append(
-                f"sliding layers {layers(lambda w: w.window is not None) or 'none'} follow no period "
+                f"sliding layers {_listed(windows, lambda w: w.window is not None) or 'none'} follow no period "
                 f"(llama.cpp reads one period for {gguf_arch(model_type)})"
             )
     return out
+
+
+def shape_problems(target: str, plan, max_windows: int | None = None) -> list[str]:
+    """Why `plan`'s layers are not what `target` expresses on any model: eviction policies, sinks, several window
+    sizes where the engine has one, more than `max_windows` distinct windows (full layers' included) for trtllm."""
+    windows, problems = layout(plan)
+    if problems:
+        return [f"{', '.join(problems)} (engines run only full or window layers)"]
+    out = []
+    if target == "trtllm":
+        sinks = {w.sinks for w in windows if w.window is not None}
+        if len(sinks) > 1:
+            out.append(f"windowed layers use different sink counts {sorted(sinks)} (one sink_token_length per model)")
+        distinct = {w.window for w in windows}
+        if max_windows is not None and len(distinct) > max_windows:
+            out.append(f"{len(distinct)} distinct attention windows, over max_windows {max_windows}")
+        return out
+    with_sinks = _listed(windows, lambda w: w.window is not None and w.sinks)
+    if with_sinks:
+        out.append(f"layers {with_sinks} have attention sinks ({target} has none)")
+    sizes = sorted({w.window for w in windows if w.window is not None})
+    if len(sizes) > 1:
+        each = "; ".join(
+            f"{size} on layers {_listed(windows, lambda w, size=size: w.window == size)}" for size in sizes
+        )
+        out.append(f"windows of {len(sizes)} sizes ({each}), but one sliding_window per model")
+    return out
+
+
+def _listed(windows: list[LayerWindow], pred) -> str:
+    return ", ".join(str(i) for i, w in enumerate(windows) if pred(w))

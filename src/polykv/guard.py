@@ -37,7 +37,13 @@ OBJECTIVES = {
     "kl": "mean KL(full || plan) over teacher-forced held-out answers, all layers compressed",
     "nll": "mean rise of the gold answer's NLL over the full cache's, teacher-forced held-out answers, all layers "
     "compressed",
+    "own-kl": "mean KL(full || plan) over the full cache's own greedy held-out answers, teacher-forced, all layers "
+    "compressed",
+    "own-miss": "mean share of the full cache's own greedy held-out answer that greedy decoding under the plan does "
+    "not reproduce, all layers compressed",
 }
+#: Each objective as (answer teacher-forced: the full cache's own greedy one or the gold one, loss measured on it).
+MEASURES = {"kl": (False, "kl"), "nll": (False, "nll"), "own-kl": (True, "kl"), "own-miss": (True, "miss")}
 DEFAULT_OBJECTIVE = "kl"
 
 Measure = Callable[[Sequence[Plan]], np.ndarray]  # plans -> (samples, plans) answer loss
@@ -217,8 +223,9 @@ def model_measure(
     `objective` named in `OBJECTIVES`."""
     from polykv.answer_loss import Objective, prepare_samples
 
-    losses = Objective(loaded.model, prepare_samples(loaded, list(items), max_context, on_sample))
-    return lambda plans: losses.per_sample_losses([choices(p) for p in plans])[objective]
+    own, loss = MEASURES[objective]
+    losses = Objective(loaded.model, prepare_samples(loaded, list(items), max_context, on_sample, own))
+    return lambda plans: losses.per_sample_losses([choices(p) for p in plans])[loss]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The plan: which (policy, budget) each layer gets, as a JSON file that `polykv solve` writes and `apply` reads.
+"""The plan: which (policy, budget, bits) each layer gets, as a JSON file that `polykv solve` writes and `apply` reads.
 
 A plan is tied to one model geometry (its *fingerprint*: layers, KV heads and head dim per layer, layer types,
 sliding window) and checked against it before use. Its bytes are deterministic: the same plan always serialises to
@@ -12,6 +12,12 @@ Budget unit. A layer's budget is always in tokens (kept per KV head). What the p
   more) and x budget elsewhere. total_budget is the cost of the uniform plan at average_budget, so average_budget
   keeps meaning "tokens per layer" and the uniform plan is always within budget. The element size only scales both
   sides of the constraint, so the same plan is right for any cache dtype.
+
+KV precision. A layer may also store its cache quantised (`bits` 8, 4 or 2; 16 = the model's dtype). A plan whose
+layers are all at 16 bits is schema_version 1 (no `bits` key, costed as above). A plan with any layer below 16 bits
+is schema_version 2: `bits` on every layer, unit "bytes" whatever the geometry, the cost of a layer being the exact
+bytes of its quantised storage (`polykv.precision.kv_bytes`), and total_budget still the bytes of the uniform 16-bit
+plan at average_budget, so a 4-bit layer holds about 3-4x the tokens of a 16-bit one for the same bytes.
 """
 
 from __future__ import annotations
@@ -22,16 +28,22 @@ import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from polykv.canonical import canonical_json
 from polykv.errors import PlanError, PlanMismatchError
 from polykv.io import atomic_write_text
 from polykv.policy_params import complete_params, params_problem
+from polykv.precision import ELEMENT_BYTES, FULL_PRECISION, describe_supported, kv_bytes, supported
 from polykv.sliding import reach
 
+#: the version of plans whose layers are all at 16 bits (the format of every plan written before KV precision)
 SCHEMA_VERSION = 1
-BYTES_PER_ELEMENT = 2
+#: the version of plans with some layer below 16 bits (`bits` on every layer, costs in bytes)
+PRECISION_SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (SCHEMA_VERSION, PRECISION_SCHEMA_VERSION)
+BYTES_PER_ELEMENT = ELEMENT_BYTES
 SCHEMA_PATH = Path(__file__).parent / "schema" / "plan.schema.json"
 FINGERPRINT_KEYS = ("model_type", "num_layers", "num_kv_heads", "head_dim", "layer_types", "sliding_window")
 
@@ -59,11 +71,13 @@ def fingerprint_hash_matches(fp: dict, stored: Any) -> bool:
 
 def plan_hash(layers: list[dict], fingerprint: dict, schema_version: int = SCHEMA_VERSION) -> str:
     """The id of what a plan makes a runtime do: first 16 hex chars of the sha256 of the RFC 8785 canonical JSON of
-    {"fingerprint", "layers": [{"layer", "policy", "budget", "params"}], "schema_version"}, params complete.
+    {"fingerprint", "layers": [{"layer", "policy", "budget", "params"}], "schema_version"}, params complete, and
+    each layer's "bits" (16 when absent) in schema_version 2.
 
     Provenance, predicted losses and the budget totals are left out: two plans that compress a model the same way
     share a hash, and an empty `params` hashes like the same defaults written out (docs/plan-spec.md).
     """
+    precision = schema_version >= PRECISION_SCHEMA_VERSION
     content = {
         "schema_version": schema_version,
         "fingerprint": fingerprint,
@@ -72,6 +86,7 @@ def plan_hash(layers: list[dict], fingerprint: dict, schema_version: int = SCHEM
                 "layer": lp["layer"],
                 "policy": lp["policy"],
                 "budget": lp["budget"],
+                **({"bits": lp.get("bits", FULL_PRECISION)} if precision else {}),
                 "params": complete_params(lp["policy"], lp.get("params", {})),
             }
             for lp in layers
@@ -102,25 +117,30 @@ def check_fingerprint(fp: Any) -> None:
 
 @dataclass(frozen=True)
 class CostModel:
-    """What a budget costs on each layer, in the plan's unit (see the module docstring)."""
+    """What a budget costs on each layer, in the plan's unit (see the module docstring).
+
+    `per_token` is the cost of one 16-bit token per KV head; `geometry` the (num_kv_heads, head_dim) of each layer,
+    which prices the layers below 16 bits (`polykv.precision.kv_bytes`; only in unit "bytes").
+    """
 
     unit: str
     per_token: tuple[int, ...]
     caps: tuple[int | None, ...]
+    geometry: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def for_fingerprint(cls, fp: dict) -> CostModel:
+    def for_fingerprint(cls, fp: dict, precision: bool = False) -> CostModel:
+        """The cost model of a plan for `fp`: of schema_version 1, or with `precision` of schema_version 2 (bytes
+        whatever the geometry, so that layers may differ in bits)."""
         check_fingerprint(fp)
         n = fp["num_layers"]
         window = fp["sliding_window"]
         caps = tuple(reach(window) if ("sliding" in t and window) else None for t in fp["layer_types"])
-        geometry = {(h, d) for h, d in zip(fp["num_kv_heads"], fp["head_dim"], strict=True)}
-        if len(geometry) == 1 and all(c is None for c in caps):
-            return cls("tokens", (1,) * n, caps)
-        per_token = tuple(
-            2 * h * d * BYTES_PER_ELEMENT for h, d in zip(fp["num_kv_heads"], fp["head_dim"], strict=True)
-        )
-        return cls("bytes", per_token, caps)
+        geometry = tuple((int(h), int(d)) for h, d in zip(fp["num_kv_heads"], fp["head_dim"], strict=True))
+        if not precision and len(set(geometry)) == 1 and all(c is None for c in caps):
+            return cls("tokens", (1,) * n, caps, geometry)
+        per_token = tuple(kv_bytes(1, h, d, FULL_PRECISION) for h, d in geometry)
+        return cls("bytes", per_token, caps, geometry)
 
     @property
     def num_layers(self) -> int:
@@ -131,8 +151,14 @@ class CostModel:
         cap = self.caps[layer]
         return budget if cap is None else min(budget, cap)
 
-    def cost(self, layer: int, budget: int) -> int:
-        return self.per_token[layer] * self.effective(layer, budget)
+    def cost(self, layer: int, budget: int, bits: int = FULL_PRECISION) -> int:
+        """Cost of `budget` tokens on `layer` at `bits` (below 16 only in unit "bytes": a schema_version 2 plan)."""
+        if bits == FULL_PRECISION:
+            return self.per_token[layer] * self.effective(layer, budget)
+        if self.unit != "bytes":
+            raise PlanError(f"layer {layer} at {bits} bits needs a cost in bytes (a plan of schema_version 2)")
+        heads, dim = self.geometry[layer]
+        return kv_bytes(self.effective(layer, budget), heads, dim, bits)
 
     def total(self, average_budget: float) -> int:
         """The bound for a plan at `average_budget`: the cost of the uniform plan at that budget (rounded down)."""
@@ -144,10 +170,11 @@ class CostModel:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer's setting: keep `budget` tokens per KV head chosen by `policy` with `params`.
+    """One layer's setting: keep `budget` tokens per KV head chosen by `policy` with `params`, stored at `bits`.
 
     `params` always holds the policy's full parameter set: parameters left out (an empty dict) get their defaults
-    from the policy-parameter schema, so a plan never depends on the code's defaults of the day.
+    from the policy-parameter schema, so a plan never depends on the code's defaults of the day. `bits` is the
+    cache's precision: 16 (the model's dtype) or 8, 4, 2 (quantised, `polykv.precision`).
     """
 
     layer: int
@@ -155,9 +182,17 @@ class LayerPlan:
     budget: int
     params: dict
     predicted_loss: float | None = None
+    bits: int = FULL_PRECISION
 
     def __post_init__(self) -> None:
+        if not supported(self.bits):
+            raise PlanError(f"layer {self.layer}: bits must be {describe_supported()}, got {self.bits!r}")
         object.__setattr__(self, "params", complete_params(self.policy, self.params))
+
+
+def schema_version_for(layers: list[LayerPlan]) -> int:
+    """The version a plan with these layers is written as: 1 when every layer is at 16 bits, else 2."""
+    return PRECISION_SCHEMA_VERSION if any(lp.bits != FULL_PRECISION for lp in layers) else SCHEMA_VERSION
 
 
 def _round(x: float | None) -> float | None:
@@ -234,13 +269,13 @@ class Plan:
 
     @property
     def cost_model(self) -> CostModel:
-        return CostModel.for_fingerprint(self.fingerprint)
+        return CostModel.for_fingerprint(self.fingerprint, self.schema_version >= PRECISION_SCHEMA_VERSION)
 
     @property
     def used_budget(self) -> int:
         """Summed cost of the layers in budget_unit."""
         cm = self.cost_model
-        return sum(cm.cost(lp.layer, lp.budget) for lp in self.layers)
+        return sum(cm.cost(lp.layer, lp.budget, lp.bits) for lp in self.layers)
 
     @property
     def fingerprint_hash(self) -> str:
@@ -250,13 +285,20 @@ class Plan:
     def plan_hash(self) -> str:
         """See `plan_hash`: the same for every plan that compresses this model the same way."""
         layers = [
-            {"layer": lp.layer, "policy": lp.policy, "budget": lp.budget, "params": lp.params} for lp in self.layers
+            {"layer": lp.layer, "policy": lp.policy, "budget": lp.budget, "bits": lp.bits, "params": lp.params}
+            for lp in self.layers
         ]
         return plan_hash(layers, self.fingerprint, self.schema_version)
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready dict in the file's key order (derived fields included)."""
+        """Plain JSON-ready dict in the file's key order (derived fields included); `bits` only in version 2."""
         check_fingerprint(self.fingerprint)
+        precision = self.schema_version >= PRECISION_SCHEMA_VERSION
+        if not precision and schema_version_for(self.layers) != self.schema_version:
+            raise PlanError(
+                f"layers below 16 bits need plan schema_version {PRECISION_SCHEMA_VERSION}, "
+                f"not {self.schema_version}; build the plan with schema_version_for(layers)"
+            )
         avg = float(self.average_budget)
         return {
             "schema_version": self.schema_version,
@@ -272,6 +314,7 @@ class Plan:
                     "layer": int(lp.layer),
                     "policy": lp.policy,
                     "budget": int(lp.budget),
+                    **({"bits": int(lp.bits)} if precision else {}),
                     "params": _canonical(lp.params),
                     "predicted_loss": _round(lp.predicted_loss),
                 }
@@ -320,6 +363,7 @@ class Plan:
                     layer["budget"],
                     dict(layer["params"]),
                     _float(layer.get("predicted_loss")),
+                    layer.get("bits", FULL_PRECISION),
                 )
                 for layer in d["layers"]
             ],
@@ -394,16 +438,18 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
     if not isinstance(d, dict):
         raise PlanError(f"a plan is a JSON object, got {type(d).__name__}; regenerate it with `polykv solve`")
     version = d.get("schema_version")
-    if isinstance(version, int) and version != SCHEMA_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version not in SCHEMA_VERSIONS:
         raise PlanError(
-            f"plan schema_version {version} is not supported (this polykv reads {SCHEMA_VERSION}); "
-            "use a matching polykv or re-solve the plan"
+            f"plan schema_version {version} is not supported (this polykv reads "
+            f"{' and '.join(map(str, SCHEMA_VERSIONS))}); use a matching polykv or re-solve the plan"
         )
     bad = _non_finite(d)
     if bad is not None:
         where, value = bad
         shown = value if isinstance(value, float) else "an integer beyond a double"
         raise PlanError(f"{where or 'top level'} holds {shown}, not a finite JSON number; fix or regenerate the plan")
+    precision = version == PRECISION_SCHEMA_VERSION
+    _check_bits(d.get("layers"), precision)
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(plan_schema()).iter_errors(d))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "top level"
@@ -429,12 +475,11 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
         problem = params_problem(lp["policy"], lp["params"])
         if problem is not None:
             raise PlanError(f"layers/{i}: {problem}; fix the parameters or re-solve the plan")
-    cm = CostModel.for_fingerprint(fp)
+    cm = CostModel.for_fingerprint(fp, precision)
     if d["budget_unit"] != cm.unit:
-        raise PlanError(
-            f"budget_unit is {d['budget_unit']!r} but this model's geometry needs {cm.unit!r}; regenerate the plan"
-        )
-    used = sum(cm.cost(i, lp["budget"]) for i, lp in enumerate(layers))
+        needs = "a schema_version 2 plan (per-layer bits) needs" if precision else "this model's geometry needs"
+        raise PlanError(f"budget_unit is {d['budget_unit']!r} but {needs} {cm.unit!r}; regenerate the plan")
+    used = sum(cm.cost(i, lp["budget"], lp.get("bits", FULL_PRECISION)) for i, lp in enumerate(layers))
     if used > d["total_budget"]:
         raise PlanError(
             f"layers cost {used} {cm.unit}, over total_budget {d['total_budget']}; lower some budgets or re-solve"
@@ -443,6 +488,24 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
         raise PlanError(
             f"used_budget {d['used_budget']} does not match the layers ({used} {cm.unit}); regenerate the plan"
         )
+    target = d.get("target")
+    if target is not None and any(lp.get("bits", FULL_PRECISION) != FULL_PRECISION for lp in layers):
+        raise PlanError(
+            f"the plan names target {target['engine']}, whose layers run at 16 bits, but some layers are below 16 "
+            "bits; drop its target or re-solve it with `polykv solve --target`"
+        )
+    if target is not None:
+        from polykv.engines import shape_problems
+
+        rows = [LayerPlan(lp["layer"], lp["policy"], lp["budget"], dict(lp["params"])) for lp in layers]
+        problems = shape_problems(
+            target["engine"], SimpleNamespace(fingerprint=fp, layers=rows), target.get("max_windows")
+        )
+        if problems:
+            raise PlanError(
+                f"the plan names target {target['engine']} but {'; '.join(problems)}; re-solve it with "
+                f"`polykv solve --target {target['engine']}` or drop its target"
+            )
     if check_policies:
         known = _known_policies()
         unknown = sorted({lp["policy"] for lp in layers} - set(known))
@@ -450,6 +513,23 @@ def _validate_dict(d: Any, check_policies: bool) -> None:
             raise PlanError(
                 f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; known: {', '.join(known)}"
             )
+
+
+def _check_bits(layers: Any, precision: bool) -> None:
+    """PlanError for a `bits` key in a version-1 plan or an unsupported width (before the schema, whose message for
+    these would be less direct)."""
+    if not isinstance(layers, list):
+        return
+    for i, lp in enumerate(layers):
+        if not isinstance(lp, dict) or "bits" not in lp:
+            continue
+        if not precision:
+            raise PlanError(
+                f"layers/{i} has bits, which needs schema_version {PRECISION_SCHEMA_VERSION}; set the plan's "
+                f"schema_version to {PRECISION_SCHEMA_VERSION} (and budget_unit to bytes) or drop the bits"
+            )
+        if not supported(lp["bits"]):
+            raise PlanError(f"layers/{i}: bits {lp['bits']!r} is not supported; use {describe_supported()}")
 
 
 def uniform_plan(model: str, fingerprint: dict, policy: str, budget: int, params: dict | None = None) -> Plan:

@@ -32,8 +32,10 @@ from torch import nn
 
 from polykv.answer_loss import Choice, Objective
 from polykv.calibrate.sample import PreparedSample
+from polykv.errors import PlanError
 from polykv.plan import CostModel, LayerPlan, Plan
 from polykv.policies import make_policy
+from polykv.precision import FULL_PRECISION
 from polykv.solve.mckp import solve_dp
 
 
@@ -83,6 +85,12 @@ def refine_plan(
     `min_gain` (relative) and, with `held_out` samples, also lowers their loss below every earlier round's. The
     search stops after `rounds` or at the first round with nothing accepted. The returned plan keeps the source
     plan's budget, fingerprint and unit; its provenance records the samples, rounds and measured losses."""
+    below = [lp.layer for lp in plan.layers if lp.bits != FULL_PRECISION]
+    if below:
+        raise PlanError(
+            f"refine moves policies and budgets of 16-bit layers, but layers {below[:8]} are below 16 bits; "
+            "refine a plan solved without bits, or use the solved plan as it is"
+        )
     started = time.perf_counter()
     cm: CostModel = plan.cost_model
     capacity = plan.total_budget

@@ -1,11 +1,11 @@
-"""Per-layer compression settings (policy + budget) and how a plan, a list or one policy turns into them."""
+"""Per-layer compression settings (policy, budget, KV precision) and how a plan, a list or a policy becomes them."""
 
 from __future__ import annotations
 
 import json
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +14,20 @@ from torch import Tensor
 from polykv.errors import InputError
 from polykv.policies import LayerObservation, Policy, make_policy, ranking, select
 from polykv.policies.window import span_kept
+from polykv.quantize import check_bits
 
 
 @dataclass(frozen=True)
 class LayerSetting:
-    """What one layer keeps: `budget` tokens per KV head (sinks and windows included) chosen by `policy`."""
+    """What one layer keeps: `budget` tokens per KV head (sinks and windows included) chosen by `policy`, stored
+    at `bits` of precision (16: the model's dtype; 8, 4, 2: quantized, `polykv.quantize`)."""
 
     policy: Policy
     budget: int
+    bits: int = 16
 
     def __post_init__(self) -> None:
+        check_bits(self.bits)
         if self.budget < 1:
             raise InputError(f"budget must be >= 1 token, got {self.budget}")
         try:
@@ -61,7 +65,8 @@ class LayerSetting:
         return kept + offset if offset else kept
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": self.policy.name, "budget": self.budget, "params": self.policy.params()}
+        out = {"policy": self.policy.name, "budget": self.budget, "params": self.policy.params()}
+        return out if self.bits == 16 else {**out, "bits": self.bits}
 
 
 def capped(settings: Sequence[LayerSetting], fingerprint: dict) -> list[LayerSetting]:
@@ -76,7 +81,7 @@ def capped(settings: Sequence[LayerSetting], fingerprint: dict) -> list[LayerSet
     return [
         s
         if s.span is not None or cm.effective(i, s.budget) == s.budget
-        else LayerSetting(s.policy, cm.effective(i, s.budget))
+        else replace(s, budget=cm.effective(i, s.budget))
         for i, s in enumerate(settings)
     ]
 

@@ -98,6 +98,8 @@ def shared_batch(full: PolyKVCache, rows: list[PolyKVCache], slack: int) -> Shar
     for r, cache in enumerate(rows):
         per_layer = []
         for idx, (layer, src) in enumerate(zip(cache.layers, full.layers, strict=True)):
+            if layer.quantized is not None:
+                raise ValueError(f"row {r} layer {idx} is quantized; a shared prefix holds full-precision keys only")
             if layer.seen != src.seen:
                 raise ValueError(f"row {r} layer {idx} has seen {layer.seen} columns, the prefix {src.seen}")
             per_layer.append((layer.columns[0], None if layer.entry_valid is None else layer.entry_valid[0]))

@@ -218,26 +218,30 @@ def _colors(names: list[str]) -> dict[str, str]:
 
 
 def plot_plan(plan_path: str | Path, path: Path) -> Path:
-    """Budget bars per layer, coloured by policy."""
+    """Budget bars per layer, coloured by policy; each bar is labelled with its KV bits when a layer is below 16."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     plan = json.loads(Path(plan_path).read_text())
     layers = plan["layers"]
     colors = _colors([layer["policy"] for layer in layers])
+    with_bits = any(layer.get("bits", 16) != 16 for layer in layers)
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(
+    bars = ax.bar(
         [layer["layer"] for layer in layers],
         [layer["budget"] for layer in layers],
         color=[colors[layer["policy"]] for layer in layers],
     )
+    if with_bits:
+        ax.bar_label(bars, labels=[str(layer.get("bits", 16)) for layer in layers], fontsize=6)
     ax.axhline(plan["average_budget"], color="black", linestyle=":", linewidth=1)
     used = sorted({layer["policy"] for layer in layers})
     ax.legend(handles=[Patch(color=colors[p], label=p) for p in used], fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("budget (tokens)")
     ax.set_yscale("log", base=2)
-    ax.set_title(f"{plan['model']}: plan at average budget {plan['average_budget']}")
+    bits_note = " (bar labels: KV bits)" if with_bits else ""
+    ax.set_title(f"{plan['model']}: plan at average budget {plan['average_budget']}{bits_note}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

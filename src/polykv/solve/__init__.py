@@ -1,6 +1,6 @@
-"""Offline solver: calibration curves -> per-layer (policy, budget) plan under a total KV budget.
+"""Offline solver: calibration curves -> per-layer (policy, budget[, bits]) plan under a total KV budget.
 
-Pipeline: `inputs.load_calibration` (read DIR) -> `aggregate.aggregate` (one loss per layer x policy x budget) ->
+Pipeline: `inputs.load_calibration` (read DIR) -> `aggregate.aggregate` (one loss per layer x policy x budget x bits) ->
 `problem.build_candidates` (apply constraints) -> `mckp.solve_dp` / `ilp.solve_ilp` (exact multiple-choice
 knapsack) -> `runner.solve_plan` (a `polykv.plan.Plan`). `allocations` gives the uniform and PyramidKV baselines,
 `summary` compares a plan with the best uniform one. Nothing here imports torch.

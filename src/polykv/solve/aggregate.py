@@ -1,4 +1,4 @@
-"""Curves -> option table: one predicted loss per (layer, policy, budget), aggregated over calibration samples.
+"""Curves -> option table: one predicted loss per (layer, policy, budget, bits), aggregated over calibration samples.
 
 Input rows are per sample; the solver needs one number per option. Rules:
 - metric: `e2e_kl` when present, else `proxy_anchored`, else `proxy_scaled`, else `e2e_dnll`, else `proxy_err`,
@@ -26,6 +26,10 @@ Input rows are per sample; the solver needs one number per option. Rules:
   collapse into one option at budget = window - 1 (the loss of the smallest calibrated budget >= window - 1); they
   need not be calibrated above it.
 - NaN or infinite values are an error (naming where), never silently skipped.
+- KV precision: curves may carry a `bits` column (16, 8, 4 or 2: the layer's cache stored at that precision,
+  `polykv.precision`); absent or null means 16. Each bit width is then an option of its own, to be complete like
+  the budgets; a table with any width below 16 prices its options in bytes (`OptionTable.precision`). Anchors
+  (`proxy_anchored`) are per (policy, bits), a width without its own taking the policy's 16-bit ones.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ import pandas as pd
 
 from polykv.errors import CalibrationError
 from polykv.plan import CostModel
+from polykv.precision import FULL_PRECISION, SUPPORTED_BITS, describe_supported
 
 METRIC_PREFERENCE = ("e2e_kl", "proxy_anchored", "proxy_scaled", "e2e_dnll", "proxy_err")
 #: metrics that are not curves of their own (rows at reference options only)
 REFERENCE_METRICS = ("ref_e2e_kl", "ref_proxy_err")
 #: whole-model rows (layer -1): e2e KL with every layer compressed by one option
 ANCHOR_METRIC = "uniform_e2e_kl"
-KEY = ["sample_id", "layer", "policy", "budget"]
+KEY = ["sample_id", "layer", "policy", "budget", "bits"]
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,10 @@ class Aggregation:
 
 @dataclass(frozen=True, eq=False)
 class OptionTable:
-    """Per layer, the aggregated loss of every available (policy, budget) option for one model.
+    """Per layer, the aggregated loss of every available (policy, budget, bits) option for one model.
 
-    `frame` columns: layer, policy, budget (tokens the layer holds), loss, samples; sorted by layer, policy, budget.
-    `grid` is the calibrated budget grid (before sliding layers were capped).
+    `frame` columns: layer, policy, budget (tokens the layer holds), bits, loss, samples; sorted by layer, policy,
+    bits, budget. `grid` is the calibrated budget grid (before sliding layers were capped).
     """
 
     model: str
@@ -117,28 +122,52 @@ class OptionTable:
     def policies(self) -> tuple[str, ...]:
         return tuple(sorted(self.frame["policy"].unique()))
 
-    @cached_property
-    def cost_model(self) -> CostModel:
-        return CostModel.for_fingerprint(self.fingerprint)
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """The calibrated bit widths, widest first (16 alone for a calibration without precision)."""
+        return tuple(sorted({int(b) for b in self.frame["bits"]}, reverse=True))
+
+    @property
+    def precision(self) -> bool:
+        """Whether some option is below 16 bits: then costs are bytes and plans may be schema_version 2."""
+        return any(b != FULL_PRECISION for b in self.bits)
 
     @cached_property
-    def _curves(self) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    def cost_model(self) -> CostModel:
+        return CostModel.for_fingerprint(self.fingerprint, self.precision)
+
+    def full_precision(self) -> OptionTable:
+        """The table without its options below 16 bits (itself when it has none): for plans that cannot state bits
+        (allocations, engine targets)."""
+        if not self.precision:
+            return self
+        frame = self.frame[self.frame["bits"] == FULL_PRECISION].reset_index(drop=True)
+        if frame.empty:
+            raise CalibrationError("the calibration has no 16-bit options; calibrate the policies at 16 bits too")
+        return replace(self, frame=frame)
+
+    @cached_property
+    def _curves(self) -> dict[tuple[int, str, int], tuple[np.ndarray, np.ndarray]]:
         out = {}
-        for (layer, policy), g in self.frame.groupby(["layer", "policy"], sort=True):
-            out[(int(layer), str(policy))] = (g["budget"].to_numpy(np.int64), g["loss"].to_numpy(np.float64))
+        for (layer, policy, bits), g in self.frame.groupby(["layer", "policy", "bits"], sort=True):
+            out[(int(layer), str(policy), int(bits))] = (
+                g["budget"].to_numpy(np.int64),
+                g["loss"].to_numpy(np.float64),
+            )
         return out
 
     def params(self, policy: str) -> dict:
         return dict(self.policy_params.get(policy, {}))
 
-    def predicted_loss(self, layer: int, policy: str, budget: int) -> float | None:
-        """Loss of `policy` at `budget` on `layer`: exact on the grid, linear between grid points, else None.
+    def predicted_loss(self, layer: int, policy: str, budget: int, bits: int = FULL_PRECISION) -> float | None:
+        """Loss of `policy` at `budget` and `bits` on `layer`: exact on the grid, linear between grid points, else
+        None.
 
-        `full` always predicts 0 (nothing is evicted); sliding layers are read at min(budget, window - 1).
+        `full` always predicts 0 at 16 bits (nothing is evicted); sliding layers are read at min(budget, window - 1).
         """
-        if policy == "full":
+        if policy == "full" and bits == FULL_PRECISION:
             return 0.0
-        curve = self._curves.get((layer, policy))
+        curve = self._curves.get((layer, policy, bits))
         if curve is None:
             return None
         budgets, losses = curve
@@ -161,38 +190,47 @@ def available_metrics(curves: pd.DataFrame) -> list[str]:
 
 
 def anchor_factors(curves: pd.DataFrame, scaled: OptionTable) -> pd.DataFrame:
-    """Per (policy, budget) with whole-model rows: measured uniform KL / the sum of the layers' predicted losses.
+    """Per (policy, bits, budget) with whole-model rows: measured uniform KL / the sum of the layers' predicted
+    losses.
 
     The per-layer losses are each measured with one layer compressed; summing them assumes errors add up across
     layers, which holds better for some policies than others (e.g. errors that later layers repair). Scaling each
     policy's curves by this factor makes the predicted loss of every calibrated uniform configuration equal its
     measured whole-model loss, so a plan is only preferred to a uniform policy where the per-layer differences
-    say it should be. Columns: policy, budget, measured, predicted, factor.
+    say it should be. Columns: policy, bits, budget, measured, predicted, factor.
     """
-    rows = curves[(curves["metric"] == ANCHOR_METRIC) & (curves["policy"] != "full")]
-    measured = rows.groupby(["policy", "budget"], as_index=False)["value"].mean()
+    rows = _with_bits(curves[(curves["metric"] == ANCHOR_METRIC) & (curves["policy"] != "full")])
+    measured = rows.groupby(["policy", "bits", "budget"], as_index=False)["value"].mean()
     out = []
     for r in measured.itertuples():
-        losses = [scaled.predicted_loss(layer, str(r.policy), int(r.budget)) for layer in range(scaled.num_layers)]
+        losses = [
+            scaled.predicted_loss(layer, str(r.policy), int(r.budget), int(r.bits))
+            for layer in range(scaled.num_layers)
+        ]
         if any(x is None for x in losses):
             continue
         predicted = float(sum(losses))
         value = max(float(r.value), 0.0)  # a KL; tiny negatives are rounding
         factor = value / predicted if predicted > 0 else 1.0
-        out.append((str(r.policy), int(r.budget), value, predicted, factor))
-    return pd.DataFrame(out, columns=["policy", "budget", "measured", "predicted", "factor"])
+        out.append((str(r.policy), int(r.bits), int(r.budget), value, predicted, factor))
+    return pd.DataFrame(out, columns=["policy", "bits", "budget", "measured", "predicted", "factor"])
 
 
 def _anchored(curves: pd.DataFrame, scaled: OptionTable) -> pd.DataFrame:
-    """The scaled frame with each option's loss times its policy's anchor factor, interpolated in log2(budget)
-    between anchored budgets and held constant beyond them (policies without anchors keep factor 1)."""
+    """The scaled frame with each option's loss times its (policy, bits) anchor factor, interpolated in
+    log2(budget) between anchored budgets and held constant beyond them; a width without anchors takes the policy's
+    16-bit ones, and a policy without any keeps factor 1."""
     factors = anchor_factors(curves, scaled)
     if factors.empty:
         raise CalibrationError(f"no usable {ANCHOR_METRIC} rows; recalibrate with --measure scaled")
     frame = scaled.frame.copy()
-    for policy, g in factors.groupby("policy"):
+    anchors = dict(tuple(factors.groupby(["policy", "bits"])))
+    for policy, bits in frame[["policy", "bits"]].drop_duplicates().itertuples(index=False):
+        g = anchors.get((policy, bits), anchors.get((policy, FULL_PRECISION)))
+        if g is None:
+            continue
         g = g.sort_values("budget")
-        at = frame["policy"] == policy
+        at = (frame["policy"] == policy) & (frame["bits"] == bits)
         f = np.interp(
             np.log2(frame.loc[at, "budget"].to_numpy(np.float64)),
             np.log2(g["budget"].to_numpy(np.float64)),
@@ -237,20 +275,44 @@ def choose_metric(available: list[str], requested: str | None) -> str:
     )
 
 
+def _with_bits(curves: pd.DataFrame) -> pd.DataFrame:
+    """`curves` with an integer `bits` column: 16 where the column is absent or null; CalibrationError for a width
+    a plan cannot state."""
+    if "bits" not in curves.columns:
+        return curves.assign(bits=FULL_PRECISION)
+    bits = curves["bits"]
+    numeric = pd.to_numeric(bits, errors="coerce")
+    filled = numeric.fillna(FULL_PRECISION)
+    bad = (bits.notna() & numeric.isna()) | ~filled.isin(SUPPORTED_BITS)
+    if bad.any():
+        found = sorted({str(b) for b in bits[bad].unique()})
+        raise CalibrationError(
+            f"the curves' bits column holds {', '.join(found[:5])}; KV precision must be {describe_supported()} "
+            "bits, re-run calibration"
+        )
+    return curves.assign(bits=filled.astype(np.int64))
+
+
+def _option(layer: int, policy: str, budget: int, bits: int) -> str:
+    """`layer 2 h2o@64`, with ` at 4 bits` below 16 bits (for messages)."""
+    return f"layer {layer} {policy}@{budget}" + ("" if bits == FULL_PRECISION else f" at {bits} bits")
+
+
 def _whole_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
     if "head" not in df.columns:
         return df
     whole = df[df["head"].isna()]
     if len(whole) or not len(df):
         return whole
-    return df.groupby(["sample_id", "category", "layer", "policy", "budget"], as_index=False, sort=True)["value"].mean()
+    keys = [c for c in ("sample_id", "category", "layer", "policy", "budget", "bits") if c in df.columns]
+    return df.groupby(keys, as_index=False, sort=True)["value"].mean()
 
 
 def _check_rows(df: pd.DataFrame, num_layers: int) -> None:
     bad = df[~np.isfinite(df["value"].to_numpy(np.float64))]
     if len(bad):
         where = "; ".join(
-            f"layer {r.layer} {r.policy}@{r.budget} sample {r.sample_id}" for r in bad.head(3).itertuples()
+            f"{_option(r.layer, r.policy, r.budget, r.bits)} sample {r.sample_id}" for r in bad.head(3).itertuples()
         )
         raise CalibrationError(
             f"{len(bad)} NaN/infinite loss value(s) in the curves (e.g. {where}); fix or re-run calibration for them"
@@ -272,8 +334,8 @@ def _check_rows(df: pd.DataFrame, num_layers: int) -> None:
     if len(dup):
         r = dup.iloc[0]
         raise CalibrationError(
-            f"{len(dup)} duplicate rows (e.g. layer {r.layer} {r.policy}@{r.budget} sample "
-            f"{r.sample_id}); each (sample, layer, policy, budget) must appear once, "
+            f"{len(dup)} duplicate rows (e.g. {_option(r.layer, r.policy, r.budget, r.bits)} sample "
+            f"{r.sample_id}); each (sample, layer, policy, budget, bits) must appear once, "
             "remove duplicated part files"
         )
 
@@ -337,51 +399,64 @@ def aggregate(
     if metric == "proxy_anchored":
         scaled = aggregate(curves, fingerprint, model, "proxy_scaled", aggregation, allow_missing, policy_params)
         return replace(scaled, metric="proxy_anchored", frame=_anchored(curves, scaled))
-    df = curves[(curves["metric"] == metric) & (curves["policy"] != "full")]
-    df = _whole_layer_rows(df)[["sample_id", "category", "layer", "policy", "budget", "value"]]
+    df = _with_bits(curves[(curves["metric"] == metric) & (curves["policy"] != "full")])
+    df = _whole_layer_rows(df)[["sample_id", "category", "layer", "policy", "budget", "bits", "value"]]
     if df.empty:
         raise CalibrationError(f"no {metric} curves for any policy other than full; calibrate some policies")
     df = df.astype(
-        {"sample_id": str, "category": str, "policy": str, "layer": np.int64, "budget": np.int64, "value": np.float64}
+        {
+            "sample_id": str,
+            "category": str,
+            "policy": str,
+            "layer": np.int64,
+            "budget": np.int64,
+            "bits": np.int64,
+            "value": np.float64,
+        }
     )
     _check_rows(df, n)
 
     policies = sorted(df["policy"].unique())
+    widths = np.array(sorted(df["bits"].unique()), dtype=np.int64)
     grid = np.array(sorted(df["budget"].unique()), dtype=np.int64)
     samples = sorted(df["sample_id"].unique())
     categories = sorted(df["category"].unique())
     cat_of = df.drop_duplicates("sample_id").set_index("sample_id")["category"]
     sample_cats = np.searchsorted(categories, cat_of.loc[samples].to_numpy())
 
-    P, B, S = len(policies), len(grid), len(samples)
-    opt = (df["layer"].to_numpy() * P + np.searchsorted(policies, df["policy"].to_numpy())) * B + np.searchsorted(
-        grid, df["budget"].to_numpy()
-    )
-    values = np.full((n * P * B, S), np.nan)
+    # options are indexed ((layer x P + policy) x Q + bits) x B + budget
+    P, Q, B, S = len(policies), len(widths), len(grid), len(samples)
+    opt = (
+        (df["layer"].to_numpy() * P + np.searchsorted(policies, df["policy"].to_numpy())) * Q
+        + np.searchsorted(widths, df["bits"].to_numpy())
+    ) * B + np.searchsorted(grid, df["budget"].to_numpy())
+    values = np.full((n * P * Q * B, S), np.nan)
     values[opt, np.searchsorted(samples, df["sample_id"].to_numpy())] = df["value"].to_numpy()
     mask = ~np.isnan(values)
 
-    layer_of = np.repeat(np.arange(n), P * B)
-    policy_of = np.tile(np.repeat(np.arange(P), B), n)
-    budget_of = np.tile(grid, n * P)
+    layer_of = np.repeat(np.arange(n), P * Q * B)
+    policy_of = np.tile(np.repeat(np.arange(P), Q * B), n)
+    bits_of = np.tile(np.repeat(widths, B), n * P)
+    budget_of = np.tile(grid, n * P * Q)
     caps = np.array([c if c is not None else np.iinfo(np.int64).max for c in cm.caps], dtype=np.int64)
     cap_of = caps[layer_of]
     # sliding layers need no calibration above their cap, window - 1 (only the first budget >= it is used)
     first_over = np.zeros_like(budget_of, dtype=bool)
     for layer, cap in enumerate(cm.caps):
         if cap is not None and (grid >= cap).any():
-            first_over[layer_of == layer] = np.tile(grid == grid[grid >= cap][0], P)
+            first_over[layer_of == layer] = np.tile(grid == grid[grid >= cap][0], P * Q)
     required = (budget_of <= cap_of) | first_over
     missing = required[:, None] & ~mask
     if missing.any() and not allow_missing:
         per_option = missing.sum(axis=1)
         gaps = np.nonzero(per_option)[0]
         examples = ", ".join(
-            f"layer {layer_of[i]} {policies[policy_of[i]]}@{budget_of[i]} ({per_option[i]} of {S} samples)"
+            f"{_option(layer_of[i], policies[policy_of[i]], budget_of[i], bits_of[i])} ({per_option[i]} of {S} samples)"
             for i in gaps[:4]
         )
+        what = "(layer, policy, budget, bits)" if Q > 1 else "(layer, policy, budget)"
         raise CalibrationError(
-            f"calibration lacks {len(gaps)} (layer, policy, budget) option(s) for some samples: "
+            f"calibration lacks {len(gaps)} {what} option(s) for some samples: "
             f"{examples}{', ...' if len(gaps) > 4 else ''}; complete it or pass --allow-missing"
         )
 
@@ -393,11 +468,12 @@ def aggregate(
             "layer": layer_of[keep],
             "policy": np.array(policies, dtype=object)[policy_of[keep]],
             "budget": budget_of[keep],
+            "bits": bits_of[keep],
             "loss": loss,
             "samples": mask[keep].sum(axis=1),
         }
     )
-    frame = _collapse_sliding(frame, caps).sort_values(["layer", "policy", "budget"], ignore_index=True)
+    frame = _collapse_sliding(frame, caps).sort_values(["layer", "policy", "bits", "budget"], ignore_index=True)
     return OptionTable(
         model,
         fingerprint,

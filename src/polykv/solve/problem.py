@@ -1,8 +1,10 @@
-"""The knapsack instance: per layer, the (policy, budget, cost, loss) options the constraints allow.
+"""The knapsack instance: per layer, the (policy, budget, bits, cost, loss) options the constraints allow.
 
 `full` is never an ordinary option (it keeps the whole context, so it is not cheap whatever its calibrated loss):
-it only appears on layers pinned to it, at loss 0 and a cost of `full_cost` tokens (default: the largest budget of
-the calibration grid), capped at window - 1 on sliding layers.
+it only appears on layers pinned to it, at loss 0, 16 bits and a cost of `full_cost` tokens (default: the largest
+budget of the calibration grid), capped at window - 1 on sliding layers. With a calibration of several bit widths
+each (policy, budget, bits) is an option costing its bytes (`polykv.precision`); pins and budget bounds constrain
+the policy and the tokens, never the bits.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polykv.errors import InfeasibleError, SolveError
+from polykv.precision import FULL_PRECISION
 from polykv.solve.aggregate import OptionTable
 from polykv.solve.constraints import SolveOptions
 
@@ -23,6 +26,7 @@ class Candidates:
     policies: tuple[str, ...]
     policy: list[np.ndarray]
     budget: list[np.ndarray]
+    bits: list[np.ndarray]
     cost: list[np.ndarray]
     loss: list[np.ndarray]
     group: list[np.ndarray]
@@ -65,12 +69,12 @@ def build_candidates(table: OptionTable, options: SolveOptions) -> Candidates:
 
     frame = table.frame
     by_layer = dict(tuple(frame.groupby("layer", sort=True)))
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("policy", "budget", "cost", "loss", "group")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("policy", "budget", "bits", "cost", "loss", "group")}
     for layer in range(n):
         pin = options.pins.get(layer)
         if pin is not None and pin.policy == "full":
             b = cm.effective(layer, full_cost)
-            rows = {"policy": ["full"], "budget": [b], "loss": [0.0]}
+            rows = {"policy": ["full"], "budget": [b], "bits": [FULL_PRECISION], "loss": [0.0]}
         else:
             g = by_layer.get(layer)
             if g is None:
@@ -92,13 +96,17 @@ def build_candidates(table: OptionTable, options: SolveOptions) -> Candidates:
             if not keep.any():
                 raise InfeasibleError(_no_option_message(layer, table, options))
             g = g[keep]
-            rows = {"policy": g["policy"].tolist(), "budget": g["budget"].tolist(), "loss": g["loss"].tolist()}
+            rows = {k: g[k].tolist() for k in ("policy", "budget", "bits", "loss")}
         out["policy"].append(np.array(rows["policy"], dtype=object))
         out["budget"].append(np.array(rows["budget"], dtype=np.int64))
-        out["cost"].append(np.array([cm.cost(layer, b) for b in rows["budget"]], dtype=np.int64))
+        out["bits"].append(np.array(rows["bits"], dtype=np.int64))
+        cost = [cm.cost(layer, b, q) for b, q in zip(rows["budget"], rows["bits"], strict=True)]
+        out["cost"].append(np.array(cost, dtype=np.int64))
         out["loss"].append(np.array(rows["loss"], dtype=np.float64))
         out["group"].append(np.array([gid.get(p, -1) if p != "full" else -1 for p in rows["policy"]], dtype=np.int64))
-    return Candidates(policies, out["policy"], out["budget"], out["cost"], out["loss"], out["group"], full_cost)
+    return Candidates(
+        policies, out["policy"], out["budget"], out["bits"], out["cost"], out["loss"], out["group"], full_cost
+    )
 
 
 def _no_option_message(layer: int, table: OptionTable, options: SolveOptions) -> str:

@@ -6,6 +6,11 @@ force one. The other solver then checks the optimum: always with `cross_check=Tr
 never with False, and by default (None) when the problem is small enough for that to be cheap (a disagreement is
 recorded, and the first solver's plan kept). Plans record the solver that produced them, whether the cross-check
 ran and agreed, and every option, never a path or a time, so the same inputs give byte-identical files.
+
+KV precision: from a calibration with bit widths below 16 (`OptionTable.precision`) the budget is bytes (the uniform
+16-bit plan's at the average budget) and each layer also gets its bits; a plan with a layer below 16 bits is written
+as schema_version 2, one whose layers all stay at 16 bits as schema_version 1 in that format's unit (the same
+bound: 16-bit bytes are tokens times a per-layer constant). Allocations are 16-bit plans.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from math import fsum
 from pathlib import Path
 
 from polykv.errors import InfeasibleError, SolveError
-from polykv.plan import SCHEMA_VERSION, LayerPlan, Plan, polykv_version
+from polykv.plan import SCHEMA_VERSION, CostModel, LayerPlan, Plan, polykv_version, schema_version_for
 from polykv.solve.aggregate import Aggregation, OptionTable, aggregate
 from polykv.solve.allocations import ALLOCATIONS, DEFAULT_PYRAMID_BETA, pyramid_budgets, uniform_budgets
 from polykv.solve.constraints import SolveOptions
@@ -139,16 +144,21 @@ def solve_plan(
                 int(cands.budget[layer][k]),
                 {} if policy == "full" else table.params(policy),
                 float(cands.loss[layer][k]),
+                int(cands.bits[layer][k]),
             )
         )
     described = {**options.describe(), "full_cost": cands.full_cost}
+    if table.precision:
+        described["bits"] = list(table.bits)
+    version = schema_version_for(layers)
+    written = cm if version != SCHEMA_VERSION else CostModel.for_fingerprint(table.fingerprint)
     return Plan(
-        schema_version=SCHEMA_VERSION,
+        schema_version=version,
         model=table.model,
         fingerprint=table.fingerprint,
         average_budget=float(average_budget),
-        total_budget=capacity,
-        budget_unit=cm.unit,
+        total_budget=written.total(average_budget),
+        budget_unit=written.unit,
         layers=layers,
         predicted_loss=_total_loss(cands, picks),
         provenance={**base_provenance(table, calibration, solver, described), "cross_check": check},
@@ -179,6 +189,7 @@ def allocation_plan(
         raise SolveError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     if average_budget < 1:
         raise SolveError(f"the average budget must be >= 1 token, got {average_budget}")
+    table = table.full_precision()
     cm = table.cost_model
     if allocation == "uniform":
         budgets = uniform_budgets(cm, average_budget)

@@ -12,7 +12,8 @@ window is the budget minus the calibrated sinks):
   (a full layer's counts as one; each is a memory pool) and the calibrated sinks on every window layer: the
   multiple-choice knapsack with a limit on distinct groups, exact (DP over subsets of groups, or the ILP).
 A layer with its own sliding window (Gemma) stays windowed: full there means its own window, which only trtllm can
-state beside other windows, and then only without sinks.
+state beside other windows, and then only without sinks. Options below 16 bits are left out: the engines quantise
+the whole cache or nothing, so target plans are 16-bit (schema_version 1).
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def solve_target(
     if average_budget < 1:
         raise SolveError(f"the average budget must be >= 1 token, got {average_budget}")
     _check_options(options)
+    table = table.full_precision()  # engines run every layer at one precision: the 16-bit options
     params = table.params("window")
     sinks = int(params.get("sinks", 0))
     if params.get("window", 0):
