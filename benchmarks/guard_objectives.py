@@ -126,18 +126,33 @@ def dev_scores(eval_dir: Path) -> dict[tuple[str, int], float]:
     """(method, budget) -> mean task score over the development tasks (each task weighted equally)."""
     import pandas as pd
 
-    df = pd.read_parquet(eval_dir / "results.parquet")
+    done = eval_dir / "results.parquet"
+    df = pd.read_parquet(done if done.exists() else eval_dir / "results.partial.parquet")
+    print(f"development scores on {df['instance_id'].nunique()} instances")
     per_task = df.groupby(["method", "budget", "task"])["score"].mean().reset_index()
     return {(m, int(b)): float(s) for (m, b), s in per_task.groupby(["method", "budget"])["score"].mean().items()}
 
 
+def distinct_names(record: dict, budget: str) -> list[str]:
+    """The candidates with distinct losses (a candidate equal to an earlier one shares its measurement)."""
+    entry, seen, out = record["budgets"][budget], set(), []
+    for i, name in enumerate(entry["names"]):
+        key = tuple(np.round(np.asarray(entry["kl"])[:, i], 12))
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
 def analyze(args: argparse.Namespace) -> int:
+    from scipy.stats import spearmanr
+
     record = json.loads((args.out / "losses.json").read_text())
     scores = dev_scores(args.eval or args.out / "eval")
     known = sum(np.exp(-s["full_nll"]) >= KNOWN_P for s in record["samples"])
     print(f"{len(record['samples'])} guard samples, {known} known to the full cache (p >= {KNOWN_P})")
-    print("| objective | budget | chosen | dev score | best uniform (score) | best candidate (score) |")
-    print("|---|---|---|---|---|---|")
+    print("| objective | budget | chosen | dev score | best uniform (score) | best candidate (score) | rank corr. |")
+    print("|---|---|---|---|---|---|---|")
     for objective in OBJECTIVES:
         for budget, entry in record["budgets"].items():
             names = entry["names"]
@@ -148,9 +163,13 @@ def analyze(args: argparse.Namespace) -> int:
 
             uniform = max((n for n in names if n.startswith("uniform:")), key=score)
             best = max(names, key=score)
+            # Spearman correlation of -loss with the score over the distinct candidates: 1 = the same order
+            loss = dict(zip(names, objective_matrix(record, budget, objective).mean(0), strict=True))
+            rows = [n for n in distinct_names(record, budget) if not np.isnan(score(n))]
+            corr = spearmanr([-loss[n] for n in rows], [score(n) for n in rows]).statistic
             print(
                 f"| {objective} | {budget} | {verdict.chosen} | {score(verdict.chosen):.1f} | "
-                f"{uniform} ({score(uniform):.1f}) | {best} ({score(best):.1f}) |"
+                f"{uniform} ({score(uniform):.1f}) | {best} ({score(best):.1f}) | {corr:+.2f} |"
             )
     return 0
 

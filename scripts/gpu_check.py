@@ -4,7 +4,11 @@ Checks, each pass / fail / skip with a reason:
 - kernel tests: tests/test_kernels.py on CUDA (it picks CUDA whenever there is one), split by dtype: fp32 (with
   the references and the dispatcher), fp16, bf16;
 - kernel compile: every Triton kernel compiled ahead of time for this GPU in fp32, fp16 and bf16 (head dim 128,
-  GQA group 4, the launchers' blocks) and loaded onto it, which checks shared memory and thread limits;
+  GQA group 4, the launchers' blocks; 4-bit codes for the quantized decode kernels) and loaded onto it, which
+  checks shared memory and thread limits;
+- quantized decode: tests/test_quantized_decode.py on CUDA, then per bit width (8, 4, 2) the quantized decode
+  kernel against its torch reference on one layer-sized store (`QUANT_SHAPE`, bf16) with the median times of the
+  kernel, of the unquantized flash-decoding kernel on the same tokens dequantized, and of the torch reference;
 - run triton vs torch: `polykv run --json` with plans/smollm2-135m/avg128.json on the bundled smollm2-135m in bf16,
   once with POLYKV_KERNELS=triton and once with torch: same greedy answer and the same kv_bytes;
 - decode: greedy decode tokens/s and peak GPU memory (torch.cuda.max_memory_allocated over prefill + decode,
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +41,9 @@ QUESTION = "What is the passkey for the archive? Answer with the passkey only."
 KERNEL_TESTS = {"fp32": "not fp16 and not bf16", "fp16": "fp16", "bf16": "bf16"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONTEXTS = (2048, 8192)
+#: (B, Hkv, G, D, N) of the quantized decode timing: a Llama-3-8B layer at 8k tokens, batch 4
+QUANT_SHAPE = (4, 8, 4, 128, 8192)
+QUANT_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 DECODE_TOKENS = 64
 BUDGET_S = 450  # everything after `make install` within 8 minutes, with room for the model load
 NO_GPU = "gpu-check: no CUDA GPU available (torch.cuda.is_available() is False); run it on a machine with one"
@@ -165,16 +173,17 @@ def kernel_tests(deadline: Deadline) -> list[Check]:
 
 def kernel_compiles() -> list[Check]:
     from polykv.kernels import triton_kernels as tk
+    from polykv.kernels import triton_quantized as tq
 
     major, minor = torch.cuda.get_device_capability()
     dtypes = [d for d in DTYPES if d != "bf16" or bf16_reason() is None]
     checks = []
-    for kernel in tk.KERNELS:
+    for kernel, compile_kernel in [(k, m.compile_kernel) for m in (tk, tq) for k in m.KERNELS]:
         log(f"compile {kernel} ...")
         done = []
         try:
             for dtype in dtypes:
-                compiled = tk.compile_kernel(kernel, DTYPES[dtype])
+                compiled = compile_kernel(kernel, DTYPES[dtype])
                 compiled.run  # noqa: B018 - loads it onto this GPU: raises if shared memory or threads exceed it
                 spills = getattr(compiled, "n_spills", "?")
                 done.append(f"{dtype} {compiled.metadata.shared / 1024:.1f} KiB shared, {spills} spills")
@@ -184,6 +193,83 @@ def kernel_compiles() -> list[Check]:
         skipped = "" if "bf16" in dtypes else f"; bf16 skipped: {bf16_reason()}"
         checks.append(Check(f"compile {kernel}", "pass", f"sm_{major}{minor}: " + "; ".join(done) + skipped))
     return checks
+
+
+def cuda_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    """Median milliseconds of `fn` on the GPU over `reps` CUDA-event timings, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def quantized_decode_timing(
+    shape: tuple[int, ...] = QUANT_SHAPE, device: str = "cuda", timer: Callable[[Callable[[], object]], float] = cuda_ms
+) -> list[Check]:
+    """Per bit width: the quantized decode kernel vs its torch reference (error, then times) on `shape`."""
+    from polykv.kernels import quantized_reference as qref
+    from polykv.kernels import triton_kernels as tk
+    from polykv.kernels import triton_quantized as tq
+    from polykv.quantized_tokens import QuantizedTokens
+
+    dtype = torch.float16 if bf16_reason() else torch.bfloat16
+    batch, kv_heads, groups, dim, tokens = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    keys, values = (torch.randn(batch, kv_heads, tokens, dim, generator=gen, device=device) for _ in range(2))
+    q = torch.randn(batch, kv_heads * groups, 1, dim, generator=gen, device=device).to(dtype)
+    lengths = torch.full((batch, kv_heads), tokens, dtype=torch.int32, device=device)
+    scaling = dim**-0.5
+    checks = []
+    for bits in (8, 4, 2):
+        name = f"quantized decode {bits}-bit"
+        log(f"{name} ...")
+        try:
+            store = QuantizedTokens(bits, 32).append(keys.to(dtype), values.to(dtype))
+            got = tq.quantized_decode_attention(q, store, scaling)
+            want = qref.quantized_decode_attention(q, store, scaling)
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            k_full, v_full = qref.stored_tokens(store)
+            kernel_ms = timer(lambda s=store: tq.quantized_decode_attention(q, s, scaling))
+            full_ms = timer(lambda k=k_full, v=v_full: tk.decode_attention(q[:, :, 0], k, v, lengths, scaling))
+            torch_ms = timer(lambda s=store: qref.quantized_decode_attention(q, s, scaling))
+        except Exception as exc:  # noqa: BLE001 - e.g. out of resources: this row fails, the others still run
+            checks.append(Check(name, "fail", one_line(exc)))
+            continue
+        gbps = store.nbytes / (kernel_ms * 1e6)
+        detail = (
+            f"{str(dtype)[6:]} B={batch} Hkv={kv_heads} G={groups} D={dim} N={tokens}: max rel err {err:.1e} "
+            f"(tol {QUANT_TOL[dtype]:.0e}); {kernel_ms:.3f} ms ({store.nbytes / 2**20:.1f} MiB, {gbps:.0f} GB/s), "
+            f"unquantized kernel {full_ms:.3f} ms, torch reference {torch_ms:.3f} ms"
+        )
+        checks.append(Check(name, "pass" if err <= QUANT_TOL[dtype] else "fail", detail))
+    return checks
+
+
+def quantized_decode_checks(deadline: Deadline) -> list[Check]:
+    """tests/test_quantized_decode.py on CUDA (bf16 left out where the GPU lacks it), then the timing rows."""
+    name = "quantized decode tests"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
+    cmd += ["-k", "not bf16"] if bf16_reason() else []
+    log(f"{name} ...")
+    try:
+        proc = subprocess.run(
+            [*cmd, "tests/test_quantized_decode.py"],
+            cwd=ROOT,
+            env=gpu_env(),
+            capture_output=True,
+            text=True,
+            timeout=max(deadline.left(), 1),
+        )
+        checks = [pytest_check(name, proc.returncode, proc.stdout + proc.stderr)]
+    except subprocess.TimeoutExpired:
+        checks = [Check(name, "fail", "timed out (time budget used up)")]
+    return checks + quantized_decode_timing()
 
 
 def polykv_run(kernels: str, deadline: Deadline) -> dict:
@@ -279,6 +365,7 @@ def main() -> int:
     deadline = Deadline(BUDGET_S)
     checks = guarded("kernel tests", lambda: kernel_tests(deadline), deadline)
     checks += guarded("kernel compile", kernel_compiles, deadline)
+    checks += guarded("quantized decode", lambda: quantized_decode_checks(deadline), deadline)
     checks += guarded("run triton vs torch", lambda: run_comparison(deadline), deadline)
     checks += guarded("decode", decode_benchmark, deadline)
     import triton

@@ -17,13 +17,13 @@ from polykv.errors import CalibrationError, DataError, InputError
 BUDGETS = (8, 32, 128, 4096)
 
 
-def run(tmp_path, measure="proxy", n=3, out_name="cal", budgets=BUDGETS, **kw):
+def run(tmp_path, measure="proxy", n=3, out_name="cal", budgets=BUDGETS, bits=(16,), **kw):
     data = tmp_path / "data.jsonl"
     if not data.exists():
         write_samples(data, n=n)
     samples = load_samples(data)
     loaded = tiny_loaded()
-    config = CalibrationConfig(budgets=budgets, measure=measure, max_context=512, e2e_batch=4)
+    config = CalibrationConfig(budgets=budgets, measure=measure, max_context=512, e2e_batch=4, bits=bits)
     out = tmp_path / out_name
     meta = calibrate(loaded, samples, config, out, data_hash(samples), **kw)
     return out, finish(out, meta)
@@ -48,6 +48,7 @@ def test_schema_and_metadata(both):
     assert saved["fingerprint"]["num_layers"] == 3 and saved["fingerprint"]["num_kv_heads"] == [2, 2, 2]
     assert saved["fingerprint_hash"] == curves.fingerprint.iloc[0]
     assert saved["data_hash"] and saved["polykv_version"] and saved["settings"]["budgets"] == list(BUDGETS)
+    assert "bits" not in saved["settings"] and "bits" not in curves.columns  # 16 bits only: the format before bits
     assert set(saved["settings"]["policy_params"]["snapkv"]) == {"window", "kernel", "pooling"}
     assert set(saved["timings"]["per_sample"]) == {"s0", "s1", "s2"}
     assert set(curves.metric) == {"proxy_err", "proxy_mass", "e2e_dnll", "e2e_kl"}
@@ -142,12 +143,15 @@ def test_select_samples_round_robin_across_categories():
 
 def test_proxy_equals_its_dense_definition():
     """Proxy = |softmax over kept columns @ V - full output| / |full output|, mass = kept share of prompt attention,
-    computed here densely from the answer queries and keys (no gather, no batching) for every option."""
+    computed here densely from the answer queries and keys (no gather, no batching) for every option; at 4 bits the
+    kept keys and values are read quantized then dequantized (the logits of the kept columns change too) and the
+    mass is their probability under the full cache's normaliser."""
     import torch
 
     from polykv.calibrate.runner import calibration_options
     from polykv.calibrate.sample import prepare
     from polykv.calibrate.sensitivity import proxy_losses
+    from polykv.quantize import KEY_AXIS, VALUE_AXIS, round_trip
 
     lm = tiny_loaded()
     prepared = prepare(
@@ -159,27 +163,40 @@ def test_proxy_equals_its_dense_definition():
         None,
         16,
     )
-    options = calibration_options(CalibrationConfig(max_context=None), prepared.prompt_tokens)
+    options = calibration_options(CalibrationConfig(max_context=None, bits=(16, 4)), prepared.prompt_tokens)
+    assert {o.bits for o in options} == {16, 4}
     for layer in range(len(prepared.capture.cache.layers)):
         obs = prepared.capture.observation(layer)
         q = prepared.answer_queries[layer][0].double()
-        k, v = (t[0].double() for t in prepared.answer_keys[layer])
-        g = q.shape[0] // k.shape[0]
-        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        keys, values = prepared.answer_keys[layer]
+        g = q.shape[0] // keys.shape[1]
+        k, v = (t[0].double().repeat_interleave(g, 0) for t in (keys, values))
         t, m = obs.num_tokens, q.shape[1]
         causal = torch.ones(m, t + m, dtype=torch.bool).tril(diagonal=t)
         logits = (q @ k.transpose(-1, -2) * obs.scaling).masked_fill(~causal, float("-inf"))
         full = torch.softmax(logits, -1) @ v
+        by_bits = {}
         for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options), strict=True):
+            idx = opt.setting.kept_indices(obs)
             keep = torch.zeros(k.shape[0] // g, t + m, dtype=torch.bool)
             keep[:, t:] = True
-            keep.scatter_(1, opt.setting.kept_indices(obs)[0], True)
-            kept_logits = logits.masked_fill(~keep.repeat_interleave(g, 0)[:, None, :], float("-inf"))
-            out = torch.softmax(kept_logits, -1) @ v
+            keep.scatter_(1, idx[0], True)
+            read_k, read_v = keys.clone(), values.clone()
+            for read, axis in ((read_k, KEY_AXIS), (read_v, VALUE_AXIS)):
+                kept = read.gather(2, idx[..., None].expand(-1, -1, -1, read.shape[-1]))
+                read.scatter_(2, idx[..., None].expand_as(kept), round_trip(kept, opt.bits, axis))
+            rk, rv = (t_[0].double().repeat_interleave(g, 0) for t_ in (read_k, read_v))
+            read_logits = (q @ rk.transpose(-1, -2) * obs.scaling).masked_fill(~causal, float("-inf"))
+            kept_logits = read_logits.masked_fill(~keep.repeat_interleave(g, 0)[:, None, :], float("-inf"))
+            out = torch.softmax(kept_logits, -1) @ rv
             probs = torch.softmax(logits, -1)[..., :t]
-            want_mass = (probs * keep.repeat_interleave(g, 0)[:, None, :t]).sum() / probs.sum()
+            read_probs = (read_logits - torch.logsumexp(logits, -1, keepdim=True)).exp()[..., :t]
+            want_mass = (read_probs * keep.repeat_interleave(g, 0)[:, None, :t]).sum() / probs.sum()
             assert err == pytest.approx(float((out - full).norm() / full.norm()), rel=1e-4, abs=1e-5)
             assert mass == pytest.approx(float(want_mass), rel=1e-4)
+            by_bits.setdefault((opt.policy, opt.budget), {})[opt.bits] = err
+        at_4 = [e for e in by_bits.values() if 4 in e]  # every policy but full, at 4 bits
+        assert at_4 and all(e[4] > 0 and e[4] != e[16] for e in at_4)  # 4 bits always err, even keeping all
 
 
 def test_scaled_measure_adds_reference_rows_equal_to_e2e_and_solves_proxy_scaled(tmp_path):
@@ -260,3 +277,83 @@ def test_uniform_anchors_equal_a_direct_measurement_and_anchor_the_solve(tmp_pat
         assert np.allclose(ratio, ratio[:1])  # one factor per (policy, budget): the layers' shape is kept
         shaped += len(ratio) > 1
     assert shaped
+
+
+def test_bits_measure_every_option_at_every_width_from_one_prefill_and_solve(tmp_path):
+    """`--bits 16,4`: the curves gain a `bits` column with rows at both widths (references at 16 only); a 4-bit row
+    reads the layer's kept keys and values as the quantized storage does, so its e2e KL and its whole-model anchor
+    equal a measurement over a real quantized cache; `solve` on it gives a valid plan that may mix widths."""
+    import torch
+
+    from polykv.attention import polykv_attention
+    from polykv.calibrate.sample import prepare
+    from polykv.calibrate.schema import CURVES_WITH_BITS
+    from polykv.compat import with_cache
+    from polykv.plan import Plan
+    from polykv.policies import make_policy
+    from polykv.settings import LayerSetting
+    from polykv.solve import aggregate, load_calibration, solve_plan
+
+    out, meta = run(tmp_path, measure="scaled", budgets=(8, 32, 4096), bits=(16, 4))
+    both, _ = run(tmp_path, measure="e2e", budgets=(8, 32), bits=(16, 4), out_name="e2e", n=1)
+    assert meta["settings"]["bits"] == [16, 4]
+    for part in (out / "curves").glob("*.parquet"):
+        assert pq.read_schema(part).equals(CURVES_WITH_BITS, check_metadata=False)
+    curves = pd.read_parquet(out / "curves")
+    assert set(curves[curves.metric == "proxy_err"].bits) == {16, 4}
+    assert set(curves[curves.metric.str.startswith("ref_")].bits) == {16}
+    assert set(curves[curves.metric == "uniform_e2e_kl"].bits) == {16, 4}
+    key = ["sample_id", "layer", "policy", "budget", "metric"]
+    proxy = curves[curves.metric == "proxy_err"]
+    pairs = proxy[proxy.bits == 4].merge(proxy[proxy.bits == 16], on=key, suffixes=("_4", "_16"))
+    assert len(pairs) == (proxy.bits == 4).sum() and (pairs.value_4 >= 0).all()
+    assert (pairs.value_4 != pairs.value_16).all()
+
+    sample = load_samples(tmp_path / "data.jsonl")[0]
+    loaded = tiny_loaded()
+    prepared = prepare(loaded.model, loaded.tokenizer, sample.context, sample.question, sample.answers[0], 512, 64)
+    assert prepared.answer_in.shape[1] < 32  # answers shorter than a group stay unquantized in the storage too
+
+    def kl(settings) -> float:
+        cache = prepared.capture.compress(settings)
+        assert any(layer.quantized is not None for layer in cache.layers)
+        with torch.no_grad(), polykv_attention(loaded.model):
+            logits = loaded.model(input_ids=prepared.answer_in, **with_cache(loaded.model, cache), use_cache=True)
+        lp, full = torch.log_softmax(logits.logits[0].float(), -1), prepared.full_logprobs
+        return float((full.exp() * (full - lp)).sum(-1).mean())
+
+    anchors = curves[(curves.metric == "uniform_e2e_kl") & (curves.bits == 4) & (curves.sample_id == sample.id)]
+    e2e = pd.read_parquet(both / "curves")
+    e2e = e2e[(e2e.metric == "e2e_kl") & (e2e.bits == 4)]
+    assert len(anchors) and len(e2e)
+    for r in anchors.itertuples():
+        setting = LayerSetting(make_policy(r.policy), int(r.budget), 4)
+        assert r.value == pytest.approx(kl([setting] * 3), rel=1e-4, abs=1e-6)
+    for r in e2e[e2e.layer == 1].head(4).itertuples():
+        settings = [None, LayerSetting(make_policy(r.policy), int(r.budget), 4), None]
+        assert r.value == pytest.approx(kl(settings), rel=1e-4, abs=1e-6)
+
+    cal = load_calibration(out)
+    table = aggregate(cal.curves, cal.fingerprint, cal.model)
+    assert table.precision and table.bits == (16, 4)
+    plan = solve_plan(table, 8)
+    Plan.from_dict(json.loads(plan.to_json()))  # valid
+    assert plan.schema_version == 2 and 4 in {lp.bits for lp in plan.layers}  # 4 bits buy tokens 16 bits cannot
+    assert plan.used_budget <= plan.total_budget == table.cost_model.total(8)
+
+
+@pytest.mark.parametrize(
+    "bits, match",
+    [("3", "KV precision must be 16, 8, 4 or 2"), ("16,x", "--bits must be a comma list"), ("4,4", "twice")],
+)
+def test_calibrate_cli_rejects_bad_bits_in_one_line(tmp_path, bits, match):
+    import typer
+    from typer.testing import CliRunner
+
+    from polykv_cli import calibrate_cmd
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+    calibrate_cmd.register(app)
+    app.command("noop")(lambda: None)  # two commands: `calibrate` is addressed by name
+    r = CliRunner().invoke(app, ["calibrate", "--bits", bits, "--out", str(tmp_path / "o"), "--model", "nope"])
+    assert r.exit_code == 2 and match in r.output and "Traceback" not in r.output

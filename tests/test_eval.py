@@ -293,3 +293,112 @@ def test_predicted_loss_check_matches_the_solver_and_ranks_scores(tmp_path):
     check = prediction_check(results, info, cal_dir)
     assert check["points"] == 8 and check["spearman_all"] == pytest.approx(-1.0)
     assert check["per_budget"]["32"] == {"methods": 4, "spearman": pytest.approx(-1.0)}
+
+
+def _precision_plan(path, model, average: int = 16):
+    """A schema-version-2 plan for `model` (the tiny llama: 3 layers) with layers at 4, 16 and 2 bits."""
+    from polykv.models import fingerprint
+    from polykv.plan import CostModel, LayerPlan, Plan, schema_version_for
+
+    fp = fingerprint(model.config)
+    cm = CostModel.for_fingerprint(fp, precision=True)
+    layers = [LayerPlan(0, "snapkv", 24, {}, None, 4), LayerPlan(1, "streaming", 8, {}, None, 16)]
+    layers.append(LayerPlan(2, "knorm", 16, {}, None, 2))
+    plan = Plan(
+        schema_version_for(layers), "tiny", fp, float(average), cm.total(average), cm.unit, layers, None,
+        {"polykv_version": "test", "solver": "test"},
+    )  # fmt: skip
+    plan.save(path)
+    return plan
+
+
+def test_quant_methods_parse_with_a_clear_error_for_other_widths():
+    from polykv.errors import InputError
+
+    methods = parse_methods("full,quant:8,quant:4,quant:2", None)
+    assert [(m.kind, m.bits, m.spec) for m in methods[1:]] == [("quant", 8, "quant:8"), ("quant", 4, "quant:4")] + [
+        ("quant", 2, "quant:2")
+    ]
+    assert methods[2].budgets([16, 64]) == [None]
+    fp = {"num_layers": 3}
+    assert {(s.policy.name, s.bits) for s in methods[2].settings(None, fp)} == {("full", 4)}
+    for bad in ("quant:16", "quant:3", "quant:x", "quant:"):
+        with pytest.raises(InputError, match="quant:8, quant:4, quant:2") as exc:
+            parse_methods(f"full,{bad}", None)
+        assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("mode", ["query-aware", "context-only"])
+def test_quantized_configurations_decode_alone_on_their_real_storage(tmp_path, mode):
+    """`quant:<bits>` and a version-2 plan evaluate from their real quantized caches: their answers equal
+    compression during prefill (`polykv run` at the same bits), and `kv_bytes` is exactly the quantized storage's
+    (the plan's `used_budget`, the whole prompt at 4 bits for quant:4; a 16-bit model dtype, batch 1)."""
+    import torch
+
+    from polykv.precision import kv_bytes
+
+    loaded = tiny_loaded()
+    loaded.model.to(torch.bfloat16)
+    plan = _precision_plan(tmp_path / "v2.json", loaded.model)
+    methods = parse_methods(f"full,quant:4,quant:2,uniform:snapkv,plan-v2:{tmp_path / 'v2.json'}", None)
+    inst = _instances(1)[0]
+    fast = evaluate_instance(loaded, inst, methods, [16], mode=mode, max_rows=4)
+    slow, _ = reprefill_instance(loaded, inst, methods, [16], mode=mode)
+    got = {(r["method"], r["budget"]): r for r in fast.rows}
+    assert len(got) == len(slow) == 5
+    for r in slow:
+        assert got[(r["method"], r["budget"])]["prediction"] == r["prediction"], r["method"]
+    full, q4, q2, v2 = got[("full", None)], got[("quant:4", None)], got[("quant:2", None)], got[("plan-v2", 16)]
+    context = fast.prompt_tokens if mode == "query-aware" else None
+    if context is not None:
+        assert q4["kv_bytes"] == 3 * kv_bytes(context, 2, 16, 4)
+    assert q2["kv_bytes"] < q4["kv_bytes"] < full["kv_bytes"] == full["kv_bytes_full"] == q4["kv_bytes_full"]
+    assert v2["kv_bytes"] == plan.used_budget
+
+
+def test_eval_cli_runs_quant_baselines_and_a_version_2_plan_on_a_tiny_model(tmp_path, tiny_hf_dir):
+    """`polykv eval` end to end on the tiny model: quant:4 holds fewer bytes than full, a version-2 plan holds its
+    `used_budget`, every quantized configuration equals compression during prefill, and the report renders."""
+    from conftest import tiny_llama
+
+    from polykv_cli.main import app
+
+    plan = _precision_plan(tmp_path / "v2.json", tiny_llama())
+    context = " ".join(["alpha beta gamma delta"] * 12 + ["The key is 4 2 .", "delta gamma"] * 3)
+    line = {"id": "k", "task": "key", "context": context, "question": "What is the key ?", "answers": ["4 2"]}
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({**line, "metric": "substring", "max_new_tokens": 4}) + "\n")
+    args = ["eval", "--model", str(tiny_hf_dir), "--tasks", str(tmp_path / "tasks.jsonl"), "--budgets", "16"]
+    args += ["--methods", f"full,quant:4,uniform:snapkv,plan-v2:{tmp_path / 'v2.json'}", "--limit", "1"]
+    args += ["--verify-prefill", "1", "--dtype", "bfloat16", "--out", str(tmp_path / "ev"), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4/4 identical predictions" in result.stderr
+    rows = pd.read_parquet(tmp_path / "ev" / "results.parquet").set_index("method")
+    assert rows.loc["quant:4", "kv_bytes"] < rows.loc["full", "kv_bytes"] == rows.loc["quant:4", "kv_bytes_full"]
+    assert rows.loc["plan-v2", "kv_bytes"] == plan.used_budget
+    summ = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summ["budgets"]["16"]["scores"]) == {"uniform:snapkv", "plan-v2"}
+    assert (tmp_path / "ev" / "scores_vs_budget.png").exists()
+    assert "quant:4" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_predicted_loss_of_a_version_2_plan_reads_each_layer_at_its_bits(tmp_path):
+    from test_solve import bits_curves, make_fingerprint, write_calibration
+
+    from polykv.evaluate.prediction import predicted_losses
+    from polykv.solve import aggregate, load_calibration, solve_frontier
+
+    fp = make_fingerprint(num_layers=6)
+    cal_dir = write_calibration(tmp_path / "cal", fp, curves=bits_curves(fp, samples=3))
+    cal = load_calibration(cal_dir)
+    table = aggregate(cal.curves, cal.fingerprint, cal.model, policy_params=cal.policy_params())
+    (tmp_path / "plans").mkdir()
+    plans = solve_frontier(table, [16, 32])
+    assert {lp.bits for p in plans for lp in p.layers} > {16}
+    for p in plans:
+        p.save(tmp_path / "plans" / f"avg{int(p.average_budget)}.json")
+    pred = predicted_losses({"methods": f"quant:4,plan:{tmp_path / 'plans'}", "budgets": [16, 32]}, cal_dir)
+    assert len(pred) == 2  # quant:4 is budget-independent: no prediction
+    for p in plans:
+        got = pred[(pred.method == "plan") & (pred.budget == int(p.average_budget))].predicted_loss.item()
+        assert got == pytest.approx(p.predicted_loss)

@@ -96,3 +96,43 @@ def test_plan_chart_labels_bars_with_bits_only_below_16(tmp_path, monkeypatch):
         (tmp_path / f"{name}.json").write_text(p.to_json())
         assert plot_plan(tmp_path / f"{name}.json", tmp_path / f"{name}.png").stat().st_size > 0
     assert labels == [{"labels": ["4", "16"], "fontsize": 6}]
+
+
+def test_a_version_2_plan_runs_at_its_bits_and_holds_the_bytes_it_was_priced_at(tmp_path):
+    """`polykv run --plan` (and `apply`) store each layer at the plan's bits; right after the prefill the cache holds
+    exactly `used_budget` bytes (batch 1, a 16-bit model dtype, every budget below the prompt's length)."""
+    import torch
+    from conftest import tiny_loaded
+
+    from polykv.apply import resolve_settings
+    from polykv.models import fingerprint as model_fingerprint
+    from polykv.plan import LayerPlan, Plan, schema_version_for
+    from polykv.run import run
+
+    loaded = tiny_loaded()
+    loaded.model.to(torch.bfloat16)
+    fp = model_fingerprint(loaded.model.config)
+    cm = CostModel.for_fingerprint(fp, precision=True)
+    layers = [LayerPlan(0, "snapkv", 40, {}, None, 4), LayerPlan(1, "streaming", 24, {}, None, 16)]
+    layers.append(LayerPlan(2, "knorm", 33, {}, None, 2))
+    provenance = {"polykv_version": "test", "solver": "t"}
+    plan = Plan(schema_version_for(layers), "tiny", fp, 32.0, cm.total(48), cm.unit, layers, None, provenance)
+    plan.save(tmp_path / "plan.json")
+    settings = resolve_settings(loaded.model, tmp_path / "plan.json")
+    assert [s.bits for s in settings] == [4, 16, 2]
+    result = run(loaded, settings, "alpha beta gamma delta " * 20, "What?", max_new_tokens=4)
+    assert result.kept_tokens == [40, 24, 33]
+    assert result.kv_bytes == plan.used_budget == sum(kv_bytes(n, 2, 16, b) for n, b in ((40, 4), (24, 16), (33, 2)))
+    assert [layer.get("bits", 16) for layer in result.layers] == [4, 16, 2]
+    plain = resolve_settings(loaded.model, [{"policy": "snapkv", "budget": 40, "bits": 8}] * 3)
+    assert [s.bits for s in plain] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("bits", [3, "4", True])
+def test_a_layer_list_with_unsupported_bits_is_one_clear_line(bits):
+    from polykv.errors import InputError
+    from polykv.settings import from_layer_dicts
+
+    with pytest.raises(InputError, match="layer 1 of the plan: KV precision must be 16, 8, 4 or 2") as exc:
+        from_layer_dicts([{"policy": "snapkv", "budget": 8}, {"policy": "snapkv", "budget": 8, "bits": bits}], 2)
+    assert "\n" not in str(exc.value)

@@ -38,6 +38,9 @@ def register(app: typer.Typer) -> None:
         ),
         max_context: int = typer.Option(4096, "--max-context", help="Truncate contexts (middle) to this many tokens."),
         e2e_batch: int = typer.Option(8, "--e2e-batch", help="Options per batched forward in e2e mode."),
+        bits: str = typer.Option(
+            "16", "--bits", help="KV precisions to measure each option at, e.g. 16,8,4,2 (16: the model's dtype)."
+        ),
         out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory (resumed if it holds the same run)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different calibration in --out."),
         device: str | None = typer.Option(None, "--device"),
@@ -68,12 +71,16 @@ def register(app: typer.Typer) -> None:
                 fail("--samples must be at least 1")
             items = select_samples(items, samples)
         grid = parse_budgets(budgets) if budgets is not None else None
+        widths = _csv(bits) or []
+        if not all(w.isdigit() for w in widths):
+            fail(f"--bits must be a comma list of 16, 8, 4 or 2, got {bits!r}")
         config = CalibrationConfig(
             policies=tuple(_csv(policies) or policy_names()),
             budgets=grid,
             measure=measure,
             max_context=max_context,
             e2e_batch=e2e_batch,
+            bits=tuple(sorted(map(int, widths), reverse=True)),
         )
         config.check()
         with Dist.from_env() as dist:

@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         methods: str = typer.Option(
             DEFAULT_METHODS,
             "--methods",
-            help="Comma list of: full, uniform:POLICY, uniform:* (every policy), pyramid, plan[:PATH], plan-NAME:PATH.",
+            help="Comma list of: full, quant:BITS (8, 4, 2: the whole context quantised), uniform:POLICY, uniform:* "
+            "(every policy), pyramid, plan[:PATH], plan-NAME:PATH.",
         ),
         mode: str = typer.Option("query-aware", "--mode", help="query-aware | context-only"),
         limit: int | None = typer.Option(None, "--limit", help="At most N instances per task."),

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from polykv.quantize import DEFAULT_GROUP
+from polykv.precision import GROUP
 from polykv.quantized_tokens import QuantizedTokens
 from polykv.sliding import reach
 
@@ -124,7 +124,7 @@ class PolyKVLayer(SeenColumnsLayer):
         self.sink_end: Tensor | None = None
         #: KV precision of what compression keeps (16: the model's dtype, unquantized), and its group size
         self.bits = 16
-        self.group = DEFAULT_GROUP
+        self.group = GROUP
         #: the quantized tokens (the oldest ones) of a layer with bits < 16 once compressed, else None
         self.quantized: QuantizedTokens | None = None
 

@@ -33,6 +33,11 @@ def describe_supported() -> str:
     return ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" or {SUPPORTED_BITS[-1]}"
 
 
+def unsupported_message(bits: object) -> str:
+    """The one-line message for a width that is not in SUPPORTED_BITS."""
+    return f"KV precision must be {describe_supported()} bits (16 = the model's dtype), got {bits!r}"
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -43,7 +48,7 @@ def kv_bytes(tokens: int, num_kv_heads: int, head_dim: int, bits: int, value_dim
     `value_dim` is the value head dimension when it differs from the key's `head_dim`.
     """
     if not supported(bits):
-        raise ValueError(f"KV precision must be {describe_supported()} bits, got {bits!r}")
+        raise ValueError(unsupported_message(bits))
     d_k, d_v = head_dim, head_dim if value_dim is None else value_dim
     if bits == FULL_PRECISION:
         return ELEMENT_BYTES * num_kv_heads * tokens * (d_k + d_v)

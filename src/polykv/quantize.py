@@ -22,18 +22,16 @@ import torch
 from torch import Tensor
 
 from polykv.errors import InputError
+from polykv.precision import FULL_PRECISION, GROUP, supported, unsupported_message
 
-SUPPORTED_BITS = (16, 8, 4, 2)
-DEFAULT_GROUP = 32
 #: groups run along tokens (per-channel quantization, keys) or along channels (per-token, values)
 KEY_AXIS, VALUE_AXIS = 2, 3
 
 
 def check_bits(bits: object) -> int:
-    """`bits` if it is a supported width, else an `InputError` naming the allowed ones."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        allowed = ", ".join(map(str, SUPPORTED_BITS))
-        raise InputError(f"KV precision must be one of {allowed} bits (16 = the model's dtype), got {bits!r}")
+    """`bits` if it is a supported width (`polykv.precision.SUPPORTED_BITS`), else an `InputError` naming them."""
+    if not supported(bits):
+        raise InputError(unsupported_message(bits))
     return int(bits)
 
 
@@ -66,12 +64,12 @@ def nbytes(x: Quantized | Tensor) -> int:
     return x.nbytes if isinstance(x, Quantized) else x.untyped_storage().nbytes()
 
 
-def quantize(x: Tensor, bits: int, axis: int, group: int = DEFAULT_GROUP) -> Quantized | Tensor:
+def quantize(x: Tensor, bits: int, axis: int, group: int = GROUP) -> Quantized | Tensor:
     """`x` (B, Hkv, T, D) quantized to `bits` in groups of `group` along `axis` (2: tokens, 3: channels); bits=16
     returns `x` itself. `group` is clamped to the axis length; a last partial group is padded internally by
     repeating its last element, which leaves its minimum and maximum unchanged."""
     bits = check_bits(bits)
-    if bits == 16:
+    if bits == FULL_PRECISION:
         return x
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise InputError(f"quantization group must be a positive number of elements, got {group!r}")
@@ -107,6 +105,12 @@ def dequantize(q: Quantized | Tensor) -> Tensor:
     scales = q.scales.to(work).repeat_interleave(q.group, -1)[..., :length]
     zeros = q.zeros.to(work).repeat_interleave(q.group, -1)[..., :length]
     return (codes * scales + zeros).to(q.dtype).movedim(-1, q.axis).contiguous()
+
+
+def round_trip(x: Tensor, bits: int, axis: int, group: int = GROUP) -> Tensor:
+    """`x` as attention reads it once stored at `bits`: quantized as `quantize` does, then dequantized (`x` itself
+    at 16 bits). Calibration measures a layer at a precision by reading its kept keys and values this way."""
+    return dequantize(quantize(x, bits, axis, group))
 
 
 def select_rows(q: Quantized | Tensor, index: Tensor) -> Quantized | Tensor:

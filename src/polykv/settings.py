@@ -14,6 +14,7 @@ from torch import Tensor
 from polykv.errors import InputError
 from polykv.policies import LayerObservation, Policy, make_policy, ranking, select
 from polykv.policies.window import span_kept
+from polykv.precision import FULL_PRECISION, supported, unsupported_message
 from polykv.quantize import check_bits
 
 
@@ -100,7 +101,8 @@ def uniform(policy: str, budget: int, num_layers: int, params: dict | None = Non
 
 
 def from_layer_dicts(layers: Sequence[dict], num_layers: int) -> list[LayerSetting]:
-    """Settings from [{"policy", "budget", "params"?}, ...] (a plan's `layers`, or a bare list in a JSON file)."""
+    """Settings from [{"policy", "budget", "params"?, "bits"?}, ...] (a plan's `layers`, or a bare list in a JSON
+    file); a layer without "bits" is stored at 16 (the model's dtype)."""
     if len(layers) != num_layers:
         raise InputError(f"the plan has {len(layers)} layers but the model has {num_layers}; use a plan made for it")
     out = []
@@ -114,7 +116,10 @@ def from_layer_dicts(layers: Sequence[dict], num_layers: int) -> list[LayerSetti
                 f"layer {i} of the plan needs a string 'policy' and an integer 'budget', "
                 f"got {item['policy']!r} and {budget!r}"
             )
-        out.append(LayerSetting(_policy(item["policy"], item.get("params")), int(budget)))
+        bits = item.get("bits", FULL_PRECISION)
+        if not supported(bits):
+            raise InputError(f"layer {i} of the plan: {unsupported_message(bits)}")
+        out.append(LayerSetting(_policy(item["policy"], item.get("params")), int(budget), bits))
     return out
 
 
@@ -140,9 +145,14 @@ def load_settings(path: str | Path, num_layers: int, fingerprint: dict | None = 
 
 
 def from_plan(plan, num_layers: int, fingerprint: dict | None = None) -> list[LayerSetting]:
-    """Settings from a loaded `Plan`, after checking it was made for this model (when a fingerprint is given)."""
+    """Settings from a loaded `Plan` (each layer at its `bits`), after checking it was made for this model (when a
+    fingerprint is given)."""
     if fingerprint is not None:
         plan.check_model(fingerprint)
     return from_layer_dicts(
-        [{"policy": layer.policy, "budget": layer.budget, "params": layer.params} for layer in plan.layers], num_layers
+        [
+            {"policy": layer.policy, "budget": layer.budget, "params": layer.params, "bits": layer.bits}
+            for layer in plan.layers
+        ],
+        num_layers,
     )

@@ -5,6 +5,11 @@ and curves last; a sample counts as done when its curves part exists. A run kill
 with the same settings skips the done samples, removes the temporary files the kill left and redoes the rest, so
 its output equals an uninterrupted run (the computation is deterministic for a given machine, model and settings).
 `metadata.json` is written last.
+
+With `bits` (KV precisions) beyond 16, every (policy, budget) is also measured with the layer's kept keys and values
+read at each width (`polykv.calibrate.sensitivity`), from the same prefill; the curves then gain a `bits` column
+(`polykv.calibrate.schema.CURVES_WITH_BITS`). Measured at 16 bits only, the output is what it was before KV precision
+existed, byte for byte: no `bits` column, no `bits` setting.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from polykv.io import atomic_write, atomic_write_json, maybe_crash, remove_stale
 from polykv.models import LoadedModel, fingerprint
 from polykv.plan import fingerprint_hash, polykv_version
 from polykv.policies import make_policy, policy_names
+from polykv.precision import FULL_PRECISION, supported, unsupported_message
 from polykv.settings import LayerSetting
 
 MEASURES = ("proxy", "e2e", "both", "scaled")
@@ -50,6 +56,20 @@ class CalibrationConfig:
     measure: str = "scaled"  # proxy curves + per-layer e2e scale: the best plans on held-out tasks (BENCHMARKS.md)
     max_context: int | None = 4096
     e2e_batch: int = 8
+    #: KV precisions each option is measured at (16: the model's dtype), widest first
+    bits: tuple[int, ...] = (FULL_PRECISION,)
+
+    @property
+    def precision(self) -> bool:
+        """Whether some width below 16 bits is measured (then the curves carry a `bits` column)."""
+        return any(b != FULL_PRECISION for b in self.bits)
+
+    def describe(self) -> dict:
+        """The settings as stored in run.json; `bits` only when some width below 16 is measured."""
+        out = asdict(self)
+        if not self.precision:
+            del out["bits"]
+        return out
 
     def check(self) -> None:
         if self.measure not in MEASURES:
@@ -59,6 +79,13 @@ class CalibrationConfig:
             raise InputError(f"unknown policies {', '.join(unknown)}; known: {', '.join(policy_names())}")
         if self.budgets is not None and (not self.budgets or min(self.budgets) < 1):
             raise InputError("--budgets must be positive integers, e.g. 16,32,64")
+        if not self.bits:
+            raise InputError("--bits needs at least one width, e.g. 16,4")
+        for bits in self.bits:
+            if not supported(bits):
+                raise InputError(f"--bits: {unsupported_message(bits)}")
+        if len(set(self.bits)) != len(self.bits):
+            raise InputError(f"--bits lists a width twice: {','.join(map(str, self.bits))}")
 
 
 def budget_grid(limit: int, budgets: tuple[int, ...] | None) -> list[int]:
@@ -85,19 +112,23 @@ class SampleResult:
 
 
 def calibration_options(config: CalibrationConfig, prompt_tokens: int) -> list[Option]:
-    """Every (policy, budget) option a sample of `prompt_tokens` tokens is measured at, per layer."""
+    """Every (policy, budget, bits) option a sample of `prompt_tokens` tokens is measured at, per layer. `full`
+    is measured at 16 bits only: the solver never prices it as an option (`polykv.solve.aggregate`)."""
     opts = []
     for name in config.policies:
         policy = make_policy(name)
         for b in budget_grid(config.max_context or prompt_tokens, config.budgets):
-            opts.append(Option(name, b, LayerSetting(policy, b)))
+            for bits in config.bits:
+                if bits == FULL_PRECISION or name != "full":
+                    opts.append(Option(name, b, LayerSetting(policy, b, bits)))
     return opts
 
 
 def measure_sample(
     model, prepared: PreparedSample, config: CalibrationConfig, tick: Callable[[int], None] | None = None
 ):
-    """Curve rows and statistics rows (as tuples) for one prepared sample, and the seconds each part took."""
+    """Curve rows (layer, head, policy, budget, bits, metric, value) and statistics rows (layer, head, policy,
+    budget, metric, value) as tuples for one prepared sample, and the seconds each part took."""
     options = calibration_options(config, prepared.prompt_tokens)
     curves, stats, seconds = [], [], {"proxy": 0.0, "e2e": 0.0, "statistics": 0.0}
     for layer in range(prepared.capture.num_layers):
@@ -108,16 +139,16 @@ def measure_sample(
         if config.measure in ("proxy", "both", "scaled"):
             t = time.perf_counter()
             for opt, (err, mass) in zip(options, proxy_losses(prepared, layer, options), strict=True):
-                curves.append((layer, None, opt.policy, opt.budget, "proxy_err", err))
-                curves.append((layer, None, opt.policy, opt.budget, "proxy_mass", mass))
+                curves.append((layer, None, opt.policy, opt.budget, opt.bits, "proxy_err", err))
+                curves.append((layer, None, opt.policy, opt.budget, opt.bits, "proxy_mass", mass))
             seconds["proxy"] += time.perf_counter() - t
         if config.measure in ("e2e", "both"):
             t = time.perf_counter()
             for opt, (dnll, kl) in zip(
                 options, e2e_losses(model, prepared, layer, options, config.e2e_batch), strict=True
             ):
-                curves.append((layer, None, opt.policy, opt.budget, "e2e_dnll", dnll))
-                curves.append((layer, None, opt.policy, opt.budget, "e2e_kl", kl))
+                curves.append((layer, None, opt.policy, opt.budget, opt.bits, "e2e_dnll", dnll))
+                curves.append((layer, None, opt.policy, opt.budget, opt.bits, "e2e_kl", kl))
             seconds["e2e"] += time.perf_counter() - t
         if config.measure == "scaled":
             t = time.perf_counter()
@@ -128,8 +159,8 @@ def measure_sample(
                 proxy_losses(prepared, layer, refs),
                 strict=True,
             ):
-                curves.append((layer, None, opt.policy, opt.budget, "ref_e2e_kl", kl))
-                curves.append((layer, None, opt.policy, opt.budget, "ref_proxy_err", err))
+                curves.append((layer, None, opt.policy, opt.budget, opt.bits, "ref_e2e_kl", kl))
+                curves.append((layer, None, opt.policy, opt.budget, opt.bits, "ref_proxy_err", err))
             seconds["e2e"] += time.perf_counter() - t
         if tick:
             tick(len(options))
@@ -137,13 +168,21 @@ def measure_sample(
         t = time.perf_counter()
         anchors = [o for o in options if o.budget < prepared.prompt_tokens]
         for opt, kl in zip(anchors, uniform_losses(model, prepared, anchors, config.e2e_batch), strict=True):
-            curves.append((ALL_LAYERS, None, opt.policy, opt.budget, "uniform_e2e_kl", kl))
+            curves.append((ALL_LAYERS, None, opt.policy, opt.budget, opt.bits, "uniform_e2e_kl", kl))
         seconds["uniform"] = time.perf_counter() - t
     return curves, stats, seconds
 
 
-def _rows(model_name: str, fp_hash: str, sample, rows: list[tuple]) -> dict[str, list]:
-    cols = ("layer", "head", "policy", "budget", "metric", "value")
+STAT_COLUMNS = ("layer", "head", "policy", "budget", "metric", "value")
+CURVE_COLUMNS = ("layer", "head", "policy", "budget", "bits", "metric", "value")
+
+
+def _without_bits(rows: list[tuple]) -> list[tuple]:
+    """Curve rows as a calibration at 16 bits only writes them: without the `bits` value."""
+    return [row[:4] + row[5:] for row in rows]
+
+
+def _rows(model_name: str, fp_hash: str, sample, rows: list[tuple], cols: tuple[str, ...]) -> dict[str, list]:
     out: dict[str, list] = {"model": [], "fingerprint": [], "sample_id": [], "category": []}
     out.update({c: [] for c in cols})
     for row in rows:
@@ -231,7 +270,7 @@ def calibrate(
         "data_hash": data_hash,
         "sample_ids": [s.id for s in samples],
         "settings": {
-            **asdict(config),
+            **config.describe(),
             "capture_window": CAPTURE_WINDOW,
             "policy_params": {name: make_policy(name).params() for name in config.policies},
         },
@@ -275,9 +314,13 @@ def calibrate(
         if on_sample:
             on_sample(index, len(calibration_options(config, prepared.prompt_tokens)) * prepared.capture.num_layers)
         curves, stats, seconds = measure_sample(loaded.model, prepared, config, on_progress)
-        _write_parquet(out / "statistics" / part, _rows(loaded.name, fp_hash, sample, stats))
+        _write_parquet(out / "statistics" / part, _rows(loaded.name, fp_hash, sample, stats, STAT_COLUMNS))
         maybe_crash(f"between-parts:{index}")
-        _write_parquet(out / "curves" / part, _rows(loaded.name, fp_hash, sample, curves))
+        if config.precision:
+            curve_rows = _rows(loaded.name, fp_hash, sample, curves, CURVE_COLUMNS)
+        else:
+            curve_rows = _rows(loaded.name, fp_hash, sample, _without_bits(curves), STAT_COLUMNS)
+        _write_parquet(out / "curves" / part, curve_rows)
         maybe_crash(f"after-sample:{index}")
         timings[sample.id] = {"prompt_tokens": prepared.prompt_tokens, "prefill_s": t1 - t0, **seconds}
         del prepared

@@ -15,6 +15,10 @@ scales each layer's proxy curve (metric `proxy_scaled`), and `uniform_e2e_kl` on
 with EVERY layer compressed by one (policy, budget), budgets below the prompt length only, from which `solve`
 anchors each policy's scaled curves to whole-model measurements (metric `proxy_anchored`). Statistics metrics: see
 `polykv.calibrate.statistics`.
+
+A calibration measured at several KV precisions (`calibrate --bits`) has one more curve column, `bits` (after
+`budget`: 16, 8, 4 or 2, the precision the layer's kept keys and values were read at; reference rows are at 16),
+`CURVES_WITH_BITS`; one measured at 16 bits only has no such column, and readers take its rows as 16 bits.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ SCHEMA = pa.schema(
     metadata={"polykv_schema_version": str(SCHEMA_VERSION)},
 )
 
+#: the curves of a calibration at several precisions: SCHEMA with `bits` after `budget`
+CURVES_WITH_BITS = SCHEMA.insert(SCHEMA.get_field_index("budget") + 1, pa.field("bits", pa.int32()))
+
 CURVE_METRICS = {
     "proxy": ("proxy_err", "proxy_mass"),
     "e2e": ("e2e_dnll", "e2e_kl"),
@@ -47,4 +54,5 @@ CURVE_METRICS = {
 
 
 def table(rows: dict[str, list]) -> pa.Table:
-    return pa.Table.from_pydict(rows, schema=SCHEMA)
+    """The rows as a table of `SCHEMA`, or of `CURVES_WITH_BITS` when they have a `bits` column."""
+    return pa.Table.from_pydict(rows, schema=CURVES_WITH_BITS if "bits" in rows else SCHEMA)

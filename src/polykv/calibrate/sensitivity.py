@@ -1,4 +1,4 @@
-"""Sensitivity of each layer to each (policy, budget): the loss when only that layer is compressed that way.
+"""Sensitivity of each layer to each (policy, budget, bits): the loss when only that layer is compressed that way.
 
 - proxy: relative error of the layer's attention output for the answer-token queries (teacher-forced under the full
   cache) when its prompt KV is reduced to the kept set, plus the share of attention mass the kept set holds. Pure
@@ -7,6 +7,12 @@
   compressed, by teacher-forcing the answer chunk over a cache where that one layer is compressed; the prefill is
   reused, and the options of one layer run as one batch (ragged kept sets padded with masked entries).
 Options whose kept sets are identical (e.g. `full` and any budget >= context) are computed once and shared.
+
+An option below 16 bits (KV precision) reads its kept keys and values as the quantised storage would hand them to
+attention: quantised then dequantised (`polykv.quantize.round_trip`), keys per channel and values per token over the
+kept tokens in order, as `PolyKVLayer.keep` stores them. The answer tokens stay at the model's dtype, as decoded
+tokens do in the storage until a group of them fills (an answer shorter than `polykv.precision.GROUP` tokens is
+measured exactly as a quantised cache would serve it).
 
 `window` options (engine sliding-window attention, `policies.window`) are measured from the same full prefill: the
 layer keeps its sinks and window, and in e2e the answer tokens attend through the sliding window and the sinks
@@ -27,6 +33,8 @@ from polykv.cache import NO_WINDOW, PolyKVCache, stack
 from polykv.calibrate.sample import PreparedSample
 from polykv.capture import clone_layer
 from polykv.compat import with_cache
+from polykv.precision import FULL_PRECISION
+from polykv.quantize import KEY_AXIS, VALUE_AXIS, round_trip
 from polykv.settings import LayerSetting
 
 
@@ -36,27 +44,34 @@ class Option:
     budget: int
     setting: LayerSetting
 
+    @property
+    def bits(self) -> int:
+        return self.setting.bits
+
 
 def kept_sets(
     sample: PreparedSample, layer: int, options: list[Option]
-) -> tuple[list[Tensor], list[int], list[tuple[int, int] | None]]:
-    """Unique kept-index tensors (1, Hkv, K) for this layer, per option which unique set it maps to, and the span
-    (window, sinks) each unique set attends through afterwards (None: it keeps what it kept)."""
+) -> tuple[list[Tensor], list[int], list[tuple[int, int] | None], list[int]]:
+    """Unique kept-index tensors (1, Hkv, K) for this layer, per option which unique set it maps to, the span
+    (window, sinks) each unique set attends through afterwards (None: it keeps what it kept), and the bits it is
+    stored at."""
     obs = sample.capture.observation(layer)
     unique: list[Tensor] = []
     spans: list[tuple[int, int] | None] = []
+    widths: list[int] = []
     keys: dict[bytes, int] = {}
     which = []
     for opt in options:
         idx = opt.setting.kept_indices(obs)
         span = opt.setting.span
-        key = bytes(f"{tuple(idx.shape)}{span}", "ascii") + idx.cpu().numpy().tobytes()
+        key = bytes(f"{tuple(idx.shape)}{span}{opt.bits}", "ascii") + idx.cpu().numpy().tobytes()
         if key not in keys:
             keys[key] = len(unique)
             unique.append(idx)
             spans.append(span)
+            widths.append(opt.bits)
         which.append(keys[key])
-    return unique, which, spans
+    return unique, which, spans, widths
 
 
 def answer_attention(sample: PreparedSample, layer: int) -> tuple[Tensor, Tensor, int]:
@@ -88,7 +103,9 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
 
     Only kept columns are touched: each kept set gathers its K prompt columns of the answer queries' attention and
     values (cost grows with the budget, not the context), and sets of the same size run as one batch. The answer
-    tokens themselves are never evicted, so their share of each query's output is computed once.
+    tokens themselves are never evicted, so their share of each query's output is computed once. A set below 16
+    bits reweighs its columns' probabilities by the change of their logits and reads its values as stored
+    (`_as_stored`).
     """
     probs, v, tokens = answer_attention(sample, layer)
     full_out = torch.matmul(probs, v)
@@ -100,7 +117,7 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
     q_heads, m, _ = probs.shape
     dim = v.shape[-1]
     groups = q_heads // sample.capture.observation(layer).keys.shape[1]
-    unique, which, _ = kept_sets(sample, layer, options)
+    unique, which, _, widths = kept_sets(sample, layer, options)
     by_size: dict[int, list[int]] = {}
     for i, idx in enumerate(unique):
         by_size.setdefault(idx.shape[-1], []).append(i)
@@ -110,6 +127,10 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
         n = len(members)
         p = p_prompt[None].expand(n, -1, -1, -1).gather(3, idx[:, :, None, :].expand(n, q_heads, m, size))
         vk = v_prompt[None].expand(n, -1, -1, -1).gather(2, idx[..., None].expand(n, q_heads, size, dim))
+        for row, i in enumerate(members):
+            if widths[i] != FULL_PRECISION:
+                factor, vk[row] = _as_stored(sample, layer, unique[i], widths[i])
+                p[row] = p[row] * factor
         out = (torch.matmul(p, vk) + answer_num) / (p.sum(-1, keepdim=True) + answer_den).clamp_min(1e-30)
         err = (out - full_out[None]).flatten(1).norm(dim=1) / full_norm
         mass = p.flatten(1).sum(1) / prompt_mass
@@ -118,11 +139,34 @@ def proxy_losses(sample: PreparedSample, layer: int, options: list[Option]) -> l
     return [results[w] for w in which]
 
 
+def _as_stored(sample: PreparedSample, layer: int, idx: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """For the kept set `idx` (1, Hkv, K) stored at `bits`: the factor (Hq, m, K) by which each kept column's
+    full-cache attention probability changes once its key is read dequantized (exp of the logit change), and its
+    values as read (Hq, K, Dv), fp32."""
+    obs = sample.capture.observation(layer)
+    keys, values = (t[:, :, : obs.num_tokens] for t in sample.answer_keys[layer])
+    k = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[-1]))
+    v = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[-1]))
+    q = sample.answer_queries[layer][0].float()
+    groups = q.shape[0] // k.shape[1]
+
+    def logits(key: Tensor) -> Tensor:
+        out = torch.matmul(q, key[0].float().repeat_interleave(groups, dim=0).transpose(-1, -2)) * obs.scaling
+        return out if obs.softcap is None else obs.softcap * torch.tanh(out / obs.softcap)
+
+    factor = torch.exp(logits(round_trip(k, bits, KEY_AXIS)) - logits(k))
+    return factor, round_trip(v, bits, VALUE_AXIS)[0].float().repeat_interleave(groups, dim=0)
+
+
 def _batched_cache(
-    sample: PreparedSample, layer: int, sets: list[Tensor], spans: list[tuple[int, int] | None] | None = None
+    sample: PreparedSample,
+    layer: int,
+    sets: list[Tensor],
+    spans: list[tuple[int, int] | None] | None = None,
+    widths: list[int] | None = None,
 ) -> PolyKVCache:
     """A cache of len(sets) rows: every layer full (shared, expanded) except `layer`, compressed per row (and
-    windowed per row where `spans` gives a row's (window, sinks))."""
+    windowed per row where `spans` gives a row's (window, sinks); read at a row's `widths` bits, `_read_at`)."""
     rows = len(sets)
     layers = []
     for i, src in enumerate(sample.capture.cache.layers):
@@ -138,6 +182,8 @@ def _batched_cache(
                 t.expand(rows, *t.shape[1:]) for t in (src.keys, src.values, src.columns)
             )
             dst.keep(idx, entry_valid=valid)
+            if widths is not None and any(w != FULL_PRECISION for w in widths):
+                _read_at(dst, [s.shape[-1] for s in sets], widths)
             if spans is not None and any(spans):
                 _set_row_spans(dst, spans, sample.capture.cache.column_valid)
         else:
@@ -146,6 +192,17 @@ def _batched_cache(
             )
         layers.append(dst)
     return PolyKVCache(layers)
+
+
+def _read_at(layer, kept: list[int], widths: list[int]) -> None:
+    """Replace each row's first `kept[r]` keys and values by what attention reads once they are stored at
+    `widths[r]` bits (`round_trip`, over that row's kept tokens alone, as a one-row cache stores them)."""
+    keys, values = layer.keys.clone(), layer.values.clone()
+    for row, (n, bits) in enumerate(zip(kept, widths, strict=True)):
+        if bits != FULL_PRECISION:
+            keys[row : row + 1, :, :n] = round_trip(keys[row : row + 1, :, :n], bits, KEY_AXIS)
+            values[row : row + 1, :, :n] = round_trip(values[row : row + 1, :, :n], bits, VALUE_AXIS)
+    layer.keys, layer.values = keys, values
 
 
 def _set_row_spans(layer, spans: list[tuple[int, int] | None], column_valid: Tensor | None) -> None:
@@ -179,12 +236,12 @@ def e2e_losses(
     model: nn.Module, sample: PreparedSample, layer: int, options: list[Option], batch: int = 8
 ) -> list[tuple[float, float]]:
     """(NLL rise, KL to full) per option when only `layer` is compressed, in batches of `batch` kept sets."""
-    unique, which, spans = kept_sets(sample, layer, options)
+    unique, which, spans, widths = kept_sets(sample, layer, options)
     results: list[tuple[float, float]] = []
     with polykv_attention(model):
         for start in range(0, len(unique), batch):
             sets = unique[start : start + batch]
-            cache = _batched_cache(sample, layer, sets, spans[start : start + batch])
+            cache = _batched_cache(sample, layer, sets, spans[start : start + batch], widths[start : start + batch])
             inputs = sample.answer_in.expand(len(sets), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
             nll, kl = answer_losses(sample, logits)
@@ -197,15 +254,26 @@ def uniform_losses(model: nn.Module, sample: PreparedSample, options: list[Optio
     """KL to full per answer token when EVERY layer is compressed with one option (the uniform configuration).
 
     These whole-model anchors tell `solve` how per-layer losses (each measured with one layer compressed) add up
-    when all layers are compressed at once, per policy and budget (metric `proxy_anchored`).
+    when all layers are compressed at once, per policy, budget and bits (metric `proxy_anchored`). An option below
+    16 bits compresses with real quantised storage, whose layers are then read back dequantized (`_dequantized`)
+    so that the options stack into one batch.
     """
     layers = sample.capture.num_layers
     results: list[float] = []
     with polykv_attention(model):
         for start in range(0, len(options), batch):
             group = options[start : start + batch]
-            cache = stack([sample.capture.compress([o.setting] * layers) for o in group])
+            cache = stack([_dequantized(sample.capture.compress([o.setting] * layers)) for o in group])
             inputs = sample.answer_in.expand(len(group), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
             results.extend(float(k) for k in answer_losses(sample, logits)[1])
     return results
+
+
+def _dequantized(cache: PolyKVCache) -> PolyKVCache:
+    """`cache` with every quantized layer holding, in the model's dtype, what attention reads from it (`stored()`)."""
+    for layer in cache.layers:
+        if layer.quantized is not None:
+            layer.keys, layer.values = layer.stored()
+            layer.quantized, layer.bits = None, FULL_PRECISION
+    return cache

@@ -7,6 +7,9 @@ its kept columns plus its own new tokens); finished rows leave early. Greedy dec
 A capture that cannot be shared falls back to stacked copies batched by `batching.partition`. A job whose settings
 window the attention itself (`policies.window`, engine semantics: the prefill is windowed too) cannot reuse the full
 capture: it prefills on its own, compressing during its prefill as `polykv run` does, and decodes in stacked batches.
+A job with a layer below 16 bits (a plan's KV precision, or `quant:<bits>`) holds its quantized storage, which neither
+a shared prefix nor a stacked batch can hold: it decodes on its own, from its real quantized cache, so that its
+answers and its `kv_bytes` are those of that storage.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def _windowed(job: Job) -> bool:
     return bool(job.settings) and any(s.span is not None for s in job.settings)
 
 
+def _quantized(cache: PolyKVCache) -> bool:
+    return any(layer.quantized is not None for layer in cache.layers)
+
+
 @dataclass
 class InstanceResult:
     instance: TaskInstance
@@ -104,10 +111,12 @@ def evaluate_instance(
     eos = eos_ids(tok, model)
     max_new = inst.max_new_tokens or default_new_tokens
     widths = [[layer.kept_tokens for layer in c.layers] for c in compressed]
+    stats = [c.stats() for c in compressed]  # before decoding: a job decoded alone decodes into its own cache
+    alone = [i for i, c in enumerate(compressed) if _quantized(c)]
     rows: list[dict] = [{} for _ in jobs]
     slack = max_new + prompt.length - first.shape[1]
     shared = shared_prefix and shareable(cap.cache) and not has_sinks(model)
-    captured = [i for i in range(len(jobs)) if i not in own]
+    captured = [i for i in range(len(jobs)) if i not in own and i not in alone]
     weight = weight_tokens(model, cap.cache)
 
     def stacked(idx: list[int]) -> list[list[int]]:
@@ -118,11 +127,17 @@ def evaluate_instance(
         batches = [captured[i : i + max_rows] for i in range(0, len(captured), max_rows)]
     else:
         batches = stacked(captured) if captured else []
-    batches += stacked(sorted(own)) if own else []
+    windowed = sorted(set(own) - set(alone))
+    batches += stacked(windowed) if windowed else []
+    batches += [[i] for i in alone]
     for batch in batches:
         rows_in = [compressed[i] for i in batch]
-        on_prefix = shared and batch[0] not in own
-        cache = shared_batch(cap.cache, rows_in, slack) if on_prefix else stack(rows_in, slack=slack)
+        if batch[0] in alone:
+            cache = rows_in[0]
+        elif shared and batch[0] not in own:
+            cache = shared_batch(cap.cache, rows_in, slack)
+        else:
+            cache = stack(rows_in, slack=slack)
         if mode == "query-aware":
             logits = torch.cat([own[i][1] if i in own else cap.last_logits for i in batch])
         else:
@@ -131,7 +146,6 @@ def evaluate_instance(
                 logits = model(input_ids=q, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
         tokens = greedy(model, cache, logits, max_new, eos)
         for i, text in zip(batch, decode_text(tok, tokens, eos), strict=True):
-            stats = compressed[i].stats()
             rows[i] = {
                 "instance_id": inst.id,
                 "task": inst.task,
@@ -139,8 +153,8 @@ def evaluate_instance(
                 "budget": jobs[i].budget,
                 "score": score(inst.metric, text, inst.answers),
                 "prediction": text,
-                "kv_bytes": stats.kv_bytes,
-                "kv_bytes_full": stats.kv_bytes_full,
+                "kv_bytes": stats[i].kv_bytes,
+                "kv_bytes_full": stats[i].kv_bytes_full,
                 "prompt_tokens": prompt.length,
             }
     return InstanceResult(inst, prompt.length, rows, t1 - t0, time.perf_counter() - t1)

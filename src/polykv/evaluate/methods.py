@@ -3,6 +3,8 @@
 - `full`: no compression (budget-independent, run once per instance);
 - `uniform:<policy>`: one policy, the same budget on every layer;
 - `pyramid`: PyramidKV-style allocation (budgets falling linearly with depth, same total) with SnapKV scoring;
+- `quant:<bits>` (8, 4 or 2): the whole context kept, every layer's keys and values stored at that precision
+  (`polykv.quantize`): uniform quantisation instead of eviction (budget-independent, run once per instance);
 - `plan:<path>`: a plan file (used at its own average budget) or a directory of plans (for each budget, the plan
   whose `average_budget` equals it); `plan-<name>:<path>` adds further plans under their own names (e.g. plans
   solved from another calibration), each with its own gap recovery.
@@ -18,6 +20,7 @@ from pathlib import Path
 from polykv.errors import InputError
 from polykv.plan import CostModel, Plan
 from polykv.policies import make_policy, policy_names
+from polykv.precision import FULL_PRECISION, SUPPORTED_BITS
 from polykv.settings import LayerSetting, capped, from_plan
 
 
@@ -26,8 +29,9 @@ class Method:
     """One compared method; `settings(budget)` gives its per-layer settings (None: keep everything)."""
 
     name: str
-    kind: str  # full | uniform | pyramid | plan
+    kind: str  # full | quant | uniform | pyramid | plan
     policy: str | None = None
+    bits: int = FULL_PRECISION  # kind == quant
     plans: tuple[tuple[int, str], ...] = ()  # (average budget, plan path) for kind == plan
     source: str | None = None  # the plan file or directory it came from (kind == plan)
 
@@ -39,7 +43,7 @@ class Method:
         return self.name
 
     def budgets(self, requested: list[int]) -> list[int | None]:
-        if self.kind == "full":
+        if self.kind in ("full", "quant"):
             return [None]
         if self.kind == "plan":
             have = {b for b, _ in self.plans}
@@ -56,6 +60,8 @@ class Method:
         n = fingerprint["num_layers"]
         if self.kind == "full":
             return None
+        if self.kind == "quant":
+            return [LayerSetting(make_policy("full"), 1, self.bits)] * n
         if self.kind == "uniform":
             policy = make_policy(self.policy)
             return capped([LayerSetting(policy, budget)] * n, fingerprint)
@@ -82,18 +88,28 @@ def plan_files(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+#: the widths of `quant:<bits>` (16 would be `full`)
+QUANT_BITS = tuple(b for b in SUPPORTED_BITS if b != FULL_PRECISION)
+
 #: `plan`, `plan:PATH`, `plan-NAME:PATH` (NAME: letters, digits, `_` and `.`)
 PLAN_METHOD = re.compile(r"(?P<name>plan(?:-[A-Za-z0-9_.]+)?)(?::(?P<path>.+))?")
 
 
 def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
-    """`full,uniform:snapkv,...,pyramid,plan:DIR,plan-NAME:DIR`; `uniform:*` = every registered policy but full."""
+    """`full,quant:4,uniform:snapkv,...,pyramid,plan:DIR,plan-NAME:DIR`; `uniform:*` = every registered policy but
+    full."""
     methods: list[Method] = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         if item == "full":
             methods.append(Method("full", "full"))
         elif item == "pyramid":
             methods.append(Method("pyramid", "pyramid"))
+        elif item.startswith("quant:"):
+            width = item.split(":", 1)[1]
+            if width not in {str(b) for b in QUANT_BITS}:
+                allowed = ", ".join(f"quant:{b}" for b in QUANT_BITS)
+                raise InputError(f"unknown method {item!r}; quantising the whole cache takes {allowed} (16 bits: full)")
+            methods.append(Method(item, "quant", bits=int(width)))
         elif item.startswith("uniform:"):
             names = [p for p in policy_names() if p != "full"] if item == "uniform:*" else [item.split(":", 1)[1]]
             for name in names:
@@ -111,8 +127,8 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
             methods.append(Method(name, "plan", plans=tuple(plans), source=str(target)))
         else:
             raise InputError(
-                f"unknown method {item!r}; use full, uniform:<policy>, uniform:*, pyramid, plan:<path> or "
-                "plan-<name>:<path> (name: letters, digits, _ and .)"
+                f"unknown method {item!r}; use full, quant:<bits>, uniform:<policy>, uniform:*, pyramid, "
+                "plan:<path> or plan-<name>:<path> (name: letters, digits, _ and .)"
             )
     names = [m.name for m in methods]
     if len(set(names)) != len(names):

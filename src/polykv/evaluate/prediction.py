@@ -1,8 +1,8 @@
 """Does the calibration predict the measured scores? Predicted loss of each evaluated configuration vs its score.
 
 A configuration's predicted loss is what the solver minimises: the sum over layers of the calibration's aggregated
-loss of that layer's (policy, budget) (linear between grid budgets; the solver's default metric and mean over
-samples). The check reports Spearman rank correlations with the measured average score: over every compressed
+loss of that layer's (policy, budget, bits) (linear between grid budgets; the solver's default metric and mean
+over samples). The check reports Spearman rank correlations with the measured average score: over every compressed
 (method, budget) point, within each budget across methods (does the calibration rank the methods right?), and
 along each plan method's frontier (does less predicted loss mean a higher score?).
 """
@@ -39,7 +39,7 @@ def predicted_losses(info: dict, calibration: Path) -> pd.DataFrame:
             if budget is None:
                 continue
             settings = method.settings(budget, cal.fingerprint)
-            losses = [table.predicted_loss(i, s.policy.name, s.budget) for i, s in enumerate(settings)]
+            losses = [table.predicted_loss(i, s.policy.name, s.budget, s.bits) for i, s in enumerate(settings)]
             if any(x is None for x in losses):  # a budget outside the calibrated grid: no prediction
                 continue
             rows.append({"method": method.name, "budget": budget, "predicted_loss": sum(losses)})

@@ -177,8 +177,9 @@ def plots(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = sorted(b for b in avg.budget.unique() if b >= 0)
     for method, group in avg.groupby("method"):
-        if method == "full":
-            ax.axhline(float(group.score.iloc[0]), color="black", linestyle="--", label="full")
+        if (group.budget < 0).all():  # budget-independent: full, and quant:<bits> (the whole context quantised)
+            style = dict(color="black", linestyle="--") if method == "full" else dict(linestyle=":", linewidth=1.5)
+            ax.axhline(float(group.score.iloc[0]), label=method, **style)
             continue
         g = group.sort_values("budget")
         if method == "plan":

@@ -1,10 +1,12 @@
-"""Kernel dispatcher: window scoring, KV compaction and decode attention on Triton (CUDA) or torch (everywhere).
+"""Kernel dispatcher: window scoring, KV compaction and decode attention (over plain or quantized KV) on Triton
+(CUDA) or torch (everywhere).
 
 `POLYKV_KERNELS` picks the backend: `auto` (default) uses Triton for CUDA tensors when triton is installed and torch
 otherwise, `torch` always uses the torch reference path, `triton` forces Triton (on CPU only under the Triton
 interpreter, TRITON_INTERPRET=1, which is how the kernels are tested without a GPU). `backend()` names the backend
-in force; `recording()` collects what actually served each path (prefill, score, gather, chunk, decode), since
-under `auto` a CPU tensor, a masked layer or a layer with attention sinks takes torch even where Triton is in force.
+in force; `recording()` collects what actually served each path (prefill, score, gather, chunk, decode, quantized
+decode), since under `auto` a CPU tensor, a masked layer or a layer with attention sinks takes torch even where
+Triton is in force.
 triton is imported lazily: this package works without it.
 """
 
@@ -20,7 +22,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from polykv.kernels import reference
+from polykv.kernels import quantized_reference, reference
+from polykv.quantized_tokens import QuantizedTokens
 
 __all__ = [
     "ENV_VAR",
@@ -29,6 +32,7 @@ __all__ = [
     "describe_ran",
     "gather_kv",
     "note",
+    "quantized_decode_attention",
     "recording",
     "window_scores",
 ]
@@ -167,3 +171,30 @@ def decode_attention(
         return _triton_module().decode_attention(q, k, v, lengths, scaling, softcap)
     note("decode", "torch")
     return reference.decode_attention(q, k, v, lengths, scaling, softcap)
+
+
+def _triton_quantized(tensor: Tensor) -> ModuleType:
+    from polykv.kernels import triton_quantized
+
+    if tensor.device.type == "cpu" and not triton_quantized.INTERPRETED:
+        raise RuntimeError(
+            "polykv.kernels.triton_quantized was imported before TRITON_INTERPRET=1 was set; "
+            "set it before the first import (e.g. at the top of conftest.py)"
+        )
+    return triton_quantized
+
+
+def quantized_decode_attention(
+    q: Tensor, store: QuantizedTokens, scaling: float, mask: Tensor | None = None, lengths: Tensor | None = None
+) -> Tensor:
+    """(B, Hq, 1, Dv) attention of one query per head q (B, Hq, 1, D) over the tokens of a quantized store.
+
+    On Triton the codes are unpacked and dequantized in the kernel's loads; `quantized_reference` defines the result
+    (an additive or boolean `mask` (B, 1 | Hkv | Hq, 1, N), or valid `lengths` (B,) / (B, Hkv)). A 16-bit store
+    holds plain tensors and always takes torch.
+    """
+    if store.bits >= 16 or not _use_triton(q):
+        note("quantized decode", "torch")
+        return quantized_reference.quantized_decode_attention(q, store, scaling, mask, lengths)
+    note("quantized decode", "triton")
+    return _triton_quantized(q).quantized_decode_attention(q, store, scaling, mask, lengths)

@@ -1,8 +1,9 @@
 """Triton kernels for PolyKV (window scoring, KV compaction, decode attention) and their Python launchers.
 
 Written for CUDA GPUs (Ampere/Hopper) and tested on CPU with the Triton interpreter (TRITON_INTERPRET=1 must be
-set before this module is imported: `triton.jit` picks interpreter or compiler at decoration time). The only module
-of PolyKV that imports triton. Semantics are those of `polykv.kernels.reference`.
+set before this module is imported: `triton.jit` picks interpreter or compiler at decoration time). With
+`triton_quantized` (decode over quantized KV), the only modules of PolyKV that import triton. Semantics are those of
+`polykv.kernels.reference`.
 
 Numerics: products of Q and K run on the input dtype with fp32 accumulation (fp16/bf16 products are exact in fp32);
 softmax statistics and all sums are fp32; fp32 inputs use IEEE fp32 dots (never TF32). Programs index tensors
