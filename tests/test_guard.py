@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CAL_ARGS, write_samples
-from test_solve import make_fingerprint, synthetic_curves
+from test_solve import bits_curves, make_fingerprint, synthetic_curves
 from typer.testing import CliRunner
 
 from polykv.answer_loss import Objective, prepare_samples
@@ -17,6 +17,7 @@ from polykv.errors import InputError
 from polykv.guard import OBJECTIVES, choices, distinct, guard, guard_all, held_out, judge
 from polykv.models import load_model
 from polykv.plan import Plan
+from polykv.precision import kv_bytes
 from polykv.solve.aggregate import aggregate
 from polykv.solve.candidates import SOLVED, guard_candidates, with_floor
 from polykv.solve.constraints import Pin, SolveOptions
@@ -46,7 +47,44 @@ def test_candidates_are_the_plan_its_floor_blends_and_every_uniform_policy(table
         assert plan.used_budget <= plan.total_budget == solved.total_budget
         assert plan.predicted_loss >= solved.predicted_loss - 1e-12  # a constrained optimum is never better
     for policy in ("h2o", "snapkv", "streaming"):
-        assert choices(cands[f"uniform:{policy}"]) == [(policy, 64)] * 6
+        assert choices(cands[f"uniform:{policy}"]) == [(policy, 64, 16)] * 6
+
+
+def test_precision_calibrations_add_each_uniform_policy_at_each_width_for_the_same_bytes():
+    fp = make_fingerprint(num_layers=6, sliding=(1,), window=24)
+    table = aggregate(bits_curves(fp, bits=(16, 8, 4, 2), samples=3), fp, "m", policy_params={"snapkv": {"window": 8}})
+    for budget in (16, 64):
+        solved = solve_plan(table, budget)
+        cands = guard_candidates(table, budget, solved, floors=(0.5,))
+        capacity = table.cost_model.total(budget)
+        names = [f"uniform:{p}" for p in ("h2o", "snapkv", "streaming")]
+        names += [f"uniform:{p}@{b}b" for b in (8, 4, 2) for p in ("h2o", "snapkv", "streaming")]
+        assert list(cands) == [SOLVED, "floor:0.5", *names]
+        assert {tuple(choices(cands[n])) for n in names[3:]}.isdisjoint({tuple(choices(cands[n])) for n in names[:3]})
+        for bits in (8, 4, 2):
+            plan = cands[f"uniform:snapkv@{bits}b"]
+            assert plan.schema_version == 2 and plan.budget_unit == "bytes" and plan.total_budget == capacity
+            assert {(lp.policy, lp.bits) for lp in plan.layers} == {("snapkv", bits)}
+            tokens = plan.layers[0].budget
+            assert tokens > budget  # fewer bits per token buy more tokens for the same bytes
+            assert plan.layers[1].budget == min(tokens, 23)  # the sliding layer holds at most window - 1
+
+            def priced(n: int, bits: int = bits) -> int:
+                return sum(kv_bytes(min(n, 23) if i == 1 else n, 2, 16, bits) for i in range(6))
+
+            assert plan.used_budget == priced(tokens) <= capacity < priced(tokens + 1)  # the most tokens that fit
+            assert plan.predicted_loss is None or plan.predicted_loss == pytest.approx(
+                sum(table.predicted_loss(lp.layer, "snapkv", lp.budget, bits) for lp in plan.layers)
+            )
+            assert Plan.from_dict(json.loads(plan.to_json())).to_json() == plan.to_json()  # a valid plan file
+    assert cands["uniform:snapkv@8b"].predicted_loss is not None  # on the calibrated grid: scored from the table
+
+
+def test_a_width_where_no_token_fits_gets_no_uniform_candidate():
+    fp = make_fingerprint(num_layers=2)
+    table = aggregate(bits_curves(fp, bits=(16, 2), samples=2, budgets=(1, 2, 4)), fp, "m")
+    cands = guard_candidates(table, 1, solve_plan(table, 1), floors=())  # a scale and zero point cost more than 1 token
+    assert not [n for n in cands if n.endswith("@2b")] and "uniform:snapkv" in cands
 
 
 def test_constrained_solves_get_no_uniform_candidates(table):
@@ -88,7 +126,7 @@ def test_a_plan_worse_than_a_uniform_policy_is_replaced(table):
     fake = {n: (0.1 if n == "uniform:streaming" else 1.0) for n in names}
     plan, verdict = guard(cands, lambda plans: np.array([[fake[n] for n in names]] * 4))
     assert verdict.chosen == "uniform:streaming"
-    assert choices(plan) == [("streaming", 32)] * 6
+    assert choices(plan) == [("streaming", 32, 16)] * 6
     assert plan.provenance["guard"]["chosen"] == "uniform:streaming"
     assert plan.provenance["guard"]["losses"][SOLVED] == 1.0
     Plan.from_dict(json.loads(plan.to_json()))  # still a valid plan file
@@ -177,6 +215,68 @@ def test_solve_guards_by_default_and_records_what_it_measured(tiny_hf_dir, calib
         assert objective([choices(plan)])[0] == pytest.approx(g["chosen_loss"], rel=1e-4, abs=1e-7)
     shown = runner.invoke(app, ["plan", "show", str(out / "avg8.json")])
     assert shown.exit_code == 0 and "guard" in shown.stdout and "best uniform" in shown.stdout
+
+
+def test_objective_measures_quantized_layers_through_their_real_storage(calibrated, tiny_hf_dir):
+    from polykv.attention import polykv_attention
+    from polykv.calibrate.sensitivity import answer_losses
+    from polykv.compat import with_cache
+    from polykv.policies import make_policy
+    from polykv.precision import GROUP
+    from polykv.settings import LayerSetting
+
+    _, data, _ = calibrated
+    loaded = load_model(str(tiny_hf_dir))
+    samples = prepare_samples(loaded, load_samples(data)[:2], 256)
+    quantized = [("snapkv", 8, 4), ("full", 0, 4), ("streaming", 16, 2)]
+    at_16 = [(policy, budget, 16) for policy, budget, _ in quantized]
+    plans = [at_16, quantized, [c[:2] for c in at_16], [("knorm", 8, 8)] * 3]
+    losses = Objective(loaded.model, samples, quantized_rows=1).per_sample_losses(plans)  # 2 stacked batches
+    for s, sample in enumerate(samples):
+        assert sample.answer_in.shape[1] < GROUP  # the answer tokens stay at the model's dtype, as decoded ones do
+        for p in (1, 3):
+            settings = [LayerSetting(make_policy(policy), max(budget, 1), bits) for policy, budget, bits in plans[p]]
+            cache = sample.capture.compress(settings)
+            assert all(layer.quantized is not None for layer in cache.layers)
+            with torch.no_grad(), polykv_attention(loaded.model):
+                logits = loaded.model(input_ids=sample.answer_in, **with_cache(loaded.model, cache), use_cache=True)
+            nll, kl = answer_losses(sample, logits.logits.float())
+            assert losses["kl"][s, p] == pytest.approx(float(kl[0]), rel=1e-4, abs=1e-7)
+            assert losses["nll"][s, p] == pytest.approx(float(nll[0]) - sample.full_nll, rel=1e-4, abs=1e-6)
+    assert not np.allclose(losses["kl"][:, 1], losses["kl"][:, 0], rtol=1e-3, atol=0)  # 16 bits is another plan
+    assert (losses["kl"][:, 1] > 0).all()  # even the whole layer at 4 bits costs something
+    for loss in losses.values():  # a choice without bits is that choice at 16 bits
+        assert np.allclose(loss[:, 0], loss[:, 2], rtol=1e-4, atol=1e-6)
+
+
+def test_solve_guards_a_precision_calibration_with_uniform_candidates_at_each_width(tiny_hf_dir, calibrated):
+    root, data, _ = calibrated
+    cal, out = root / "cal-bits", root / "plans-bits" / "avg8.json"
+    args = ["--data", str(data), "--samples", "2", "--out", str(cal), "--bits", "16,4", *CAL_ARGS]
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_hf_dir), *args])
+    assert result.exit_code == 0, result.output
+    args = ["-c", str(cal), "--budget", "8", "--out", str(out), "--guard-data", str(data)]
+    result = runner.invoke(app, ["solve", *args])
+    assert result.exit_code == 0, result.output
+    plan = Plan.load(out)
+    g = plan.provenance["guard"]
+    policies = ("knorm", "snapkv", "streaming")
+    assert {f"uniform:{p}" for p in policies} | {f"uniform:{p}@4b" for p in policies} <= set(g["losses"])
+    loaded = load_model(str(tiny_hf_dir))
+    items = [s for s in load_samples(data) if s.id not in json.loads((cal / "metadata.json").read_text())["sample_ids"]]
+    objective = Objective(loaded.model, prepare_samples(loaded, items, 256))
+    uniform_4b = guard_candidates(*_table_and_solved(cal, 8))["uniform:snapkv@4b"]
+    assert {lp.bits for lp in uniform_4b.layers} == {4}
+    measured = objective([choices(plan), choices(uniform_4b)])
+    assert measured[0] == pytest.approx(g["chosen_loss"], rel=1e-4, abs=1e-7)
+    assert measured[1] == pytest.approx(g["losses"]["uniform:snapkv@4b"], rel=1e-4, abs=1e-7)
+
+
+def _table_and_solved(cal, budget: int):
+    from polykv.solve.runner import SolveRequest, load_table
+
+    table, _ = load_table(SolveRequest(cal, (budget,)))
+    return table, budget, solve_plan(table, budget)
 
 
 def test_guard_with_no_held_out_sample_is_one_clear_line_and_writes_nothing(calibrated, tmp_path):

@@ -490,3 +490,13 @@ def stack(caches: list[PolyKVCache], slack: int = 0) -> PolyKVCache:
             dst.sink_end = torch.cat([e for _, e in spans])
         layers.append(dst)
     return PolyKVCache(layers)
+
+
+def dequantized(cache: PolyKVCache) -> PolyKVCache:
+    """`cache` with every quantized layer holding, in the model's dtype, what attention reads from it (`stored()`),
+    so that it can be stacked with others (`stack`); changed in place and returned."""
+    for layer in cache.layers:
+        if layer.quantized is not None:
+            layer.keys, layer.values = layer.stored()
+            layer.quantized, layer.bits = None, 16
+    return cache

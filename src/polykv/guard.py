@@ -5,11 +5,13 @@ layer compressed at once, that sum can mislead badly (a plan that starves most l
 that a uniform policy keeps; BENCHMARKS.md, Generalization). So before a plan is written, the guard measures the
 whole-model loss of each candidate at the same budget: the solved plan, blends that re-solve it with per-layer
 budget floors (a fraction of the average budget on every layer, between the free plan and a uniform one), and every
-uniform policy. The loss is the mean over held-out samples of KL(full cache || candidate) on the teacher-forced
-answer with every layer compressed, the objective `polykv refine` uses. The solved plan is written unless another
-candidate's loss is clearly lower (by more than `MARGIN` standard errors of the paired difference), in which case
-the lowest of those is; the provenance records every candidate's loss, so a plan is never knowingly worse than the
-best single policy on the data it was judged on.
+uniform policy (from a calibration with KV precision, also every uniform policy at each calibrated width below 16
+bits, with as many tokens as the same bytes hold). Layers below 16 bits are measured as their quantised storage
+serves them (`polykv.answer_loss`). The loss is the mean over held-out samples of KL(full cache || candidate) on the
+teacher-forced answer with every layer compressed, the objective `polykv refine` uses. The solved plan is written
+unless another candidate's loss is clearly lower (by more than `MARGIN` standard errors of the paired difference),
+in which case the lowest of those is; the provenance records every candidate's loss, so a plan is never knowingly
+worse than the best single policy on the data it was judged on.
 
 The measurement needs the model (a few batched answer forwards per sample); the candidates and the choice need only
 plans, so `polykv.solve` builds the candidates and this module judges them.
@@ -49,9 +51,9 @@ DEFAULT_OBJECTIVE = "kl"
 Measure = Callable[[Sequence[Plan]], np.ndarray]  # plans -> (samples, plans) answer loss
 
 
-def choices(plan: Plan) -> list[tuple[str, int]]:
-    """A plan as the (policy, budget) of each layer: what the measurement depends on."""
-    return [(layer.policy, layer.budget) for layer in plan.layers]
+def choices(plan: Plan) -> list[tuple[str, int, int]]:
+    """A plan as the (policy, budget, bits) of each layer: what the measurement depends on."""
+    return [(layer.policy, layer.budget, layer.bits) for layer in plan.layers]
 
 
 def distinct(candidates: Mapping[str, Plan]) -> dict[str, Plan]:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from polykv.attention import polykv_attention
-from polykv.cache import NO_WINDOW, PolyKVCache, stack
+from polykv.cache import NO_WINDOW, PolyKVCache, dequantized, stack
 from polykv.calibrate.sample import PreparedSample
 from polykv.capture import clone_layer
 from polykv.compat import with_cache
@@ -255,25 +255,16 @@ def uniform_losses(model: nn.Module, sample: PreparedSample, options: list[Optio
 
     These whole-model anchors tell `solve` how per-layer losses (each measured with one layer compressed) add up
     when all layers are compressed at once, per policy, budget and bits (metric `proxy_anchored`). An option below
-    16 bits compresses with real quantised storage, whose layers are then read back dequantized (`_dequantized`)
-    so that the options stack into one batch.
+    16 bits compresses with real quantised storage, whose layers are then read back dequantized
+    (`polykv.cache.dequantized`) so that the options stack into one batch.
     """
     layers = sample.capture.num_layers
     results: list[float] = []
     with polykv_attention(model):
         for start in range(0, len(options), batch):
             group = options[start : start + batch]
-            cache = stack([_dequantized(sample.capture.compress([o.setting] * layers)) for o in group])
+            cache = stack([dequantized(sample.capture.compress([o.setting] * layers)) for o in group])
             inputs = sample.answer_in.expand(len(group), -1)
             logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True).logits.float()
             results.extend(float(k) for k in answer_losses(sample, logits)[1])
     return results
-
-
-def _dequantized(cache: PolyKVCache) -> PolyKVCache:
-    """`cache` with every quantized layer holding, in the model's dtype, what attention reads from it (`stored()`)."""
-    for layer in cache.layers:
-        if layer.quantized is not None:
-            layer.keys, layer.values = layer.stored()
-            layer.quantized, layer.bits = None, FULL_PRECISION
-    return cache
