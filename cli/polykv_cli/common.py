@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 
 from polykv.errors import PolyKVError
 
@@ -43,7 +44,8 @@ F = TypeVar("F", bound=Callable)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print `message` as is (a `[name]` in it is text, not rich markup) and exit with `code`."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

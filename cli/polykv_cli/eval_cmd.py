@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         methods: str = typer.Option(
             DEFAULT_METHODS,
             "--methods",
-            help="Comma list of: full, quant:BITS (8, 4, 2: the whole context quantised), uniform:POLICY, uniform:* "
+            help="Comma list of: full, quant:BITS (8, 4, 2: the whole context quantised), hf-quant:BITS (4, 2: "
+            "the same with transformers' QuantizedCache; needs polykv[quant-anchor]), uniform:POLICY, uniform:* "
             "(every policy), pyramid, plan[:PATH], plan-NAME:PATH.",
         ),
         mode: str = typer.Option("query-aware", "--mode", help="query-aware | context-only"),
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         import pyarrow.parquet as pq
 
         from polykv.errors import InputError
-        from polykv.evaluate.methods import parse_methods
+        from polykv.evaluate.methods import parse_methods, require_backends
         from polykv.evaluate.progress import clear_progress, load_progress, save_progress
         from polykv.evaluate.report import render
         from polykv.evaluate.suite import load_default_suite, suite_files
@@ -120,6 +121,7 @@ def register(app: typer.Typer) -> None:
             err.print(f"[yellow]no checked-in plans in {default_plans}: evaluating without a plan[/]")
             methods = ",".join(m for m in methods.split(",") if m != "plan")
         method_list = parse_methods(methods, default_plans)
+        require_backends(method_list)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -9,7 +9,8 @@ window the attention itself (`policies.window`, engine semantics: the prefill is
 capture: it prefills on its own, compressing during its prefill as `polykv run` does, and decodes in stacked batches.
 A job with a layer below 16 bits (a plan's KV precision, or `quant:<bits>`) holds its quantized storage, which neither
 a shared prefix nor a stacked batch can hold: it decodes on its own, from its real quantized cache, so that its
-answers and its `kv_bytes` are those of that storage.
+answers and its `kv_bytes` are those of that storage. `hf-quant:<bits>` shares nothing with the capture: each
+instance is answered by `model.generate` over transformers' own quantized cache (`hf_quantized`), timed as decoding.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from polykv.attention import polykv_attention
 from polykv.cache import PolyKVCache, stack
 from polykv.capture import capture
 from polykv.compat import output_cache, with_cache
+from polykv.evaluate import hf_quantized
 from polykv.evaluate.batching import partition
 from polykv.evaluate.methods import Method
 from polykv.evaluate.tasks import TaskInstance, score
 from polykv.generation import decode_text, eos_ids, greedy
 from polykv.models import LoadedModel, fingerprint
-from polykv.prompts import encode
+from polykv.prompts import PromptIds, encode
 from polykv.settings import LayerSetting
 from polykv.shared_prefix import has_sinks, shareable, shared_batch
 
@@ -65,6 +67,31 @@ def _quantized(cache: PolyKVCache) -> bool:
     return any(layer.quantized is not None for layer in cache.layers)
 
 
+def result_row(
+    inst: TaskInstance, method: str, budget: int | None, text: str, kv: tuple[int, int], prompt_tokens: int
+) -> dict:
+    """One result row; `kv` is (kv_bytes, kv_bytes_full)."""
+    return {
+        "instance_id": inst.id,
+        "task": inst.task,
+        "method": method,
+        "budget": budget,
+        "score": score(inst.metric, text, inst.answers),
+        "prediction": text,
+        "kv_bytes": kv[0],
+        "kv_bytes_full": kv[1],
+        "prompt_tokens": prompt_tokens,
+    }
+
+
+def anchor_row(
+    loaded: LoadedModel, inst: TaskInstance, method: Method, prompt: PromptIds, mode: str, max_new: int
+) -> dict:
+    """The row of an `hf-quant:<bits>` method: transformers' quantized cache, outside PolyKV's."""
+    got = hf_quantized.answer(loaded.model, loaded.tokenizer, prompt, method.bits, max_new, mode)
+    return result_row(inst, method.name, None, got.text, (got.kv_bytes, got.kv_bytes_full), prompt.length)
+
+
 @dataclass
 class InstanceResult:
     instance: TaskInstance
@@ -96,6 +123,13 @@ def evaluate_instance(
     model, tok = loaded.model, loaded.tokenizer
     fp = fingerprint(model.config)
     prompt = encode(tok, inst.context, inst.question, max_tokens=max_context)
+    max_new = inst.max_new_tokens or default_new_tokens
+    anchors = [m for m in methods if m.kind == "hf-quant"]
+    methods = [m for m in methods if m.kind != "hf-quant"]
+    if not methods:  # no capture to share
+        t0 = time.perf_counter()
+        rows = [anchor_row(loaded, inst, m, prompt, mode, max_new) for m in anchors]
+        return InstanceResult(inst, prompt.length, rows, 0.0, time.perf_counter() - t0)
     device = next(model.parameters()).device
     jobs = [Job(m.name, b, m.settings(b, fp)) for m in methods for b in m.budgets(budgets)]
     needs_cum = any(s is not None and any(x.policy.needs_cumulative for x in s) for s in (j.settings for j in jobs))
@@ -109,7 +143,6 @@ def evaluate_instance(
     ]
     t1 = time.perf_counter()
     eos = eos_ids(tok, model)
-    max_new = inst.max_new_tokens or default_new_tokens
     widths = [[layer.kept_tokens for layer in c.layers] for c in compressed]
     stats = [c.stats() for c in compressed]  # before decoding: a job decoded alone decodes into its own cache
     alone = [i for i, c in enumerate(compressed) if _quantized(c)]
@@ -146,17 +179,9 @@ def evaluate_instance(
                 logits = model(input_ids=q, **with_cache(model, cache), use_cache=True).logits[:, -1, :]
         tokens = greedy(model, cache, logits, max_new, eos)
         for i, text in zip(batch, decode_text(tok, tokens, eos), strict=True):
-            rows[i] = {
-                "instance_id": inst.id,
-                "task": inst.task,
-                "method": jobs[i].method,
-                "budget": jobs[i].budget,
-                "score": score(inst.metric, text, inst.answers),
-                "prediction": text,
-                "kv_bytes": stats[i].kv_bytes,
-                "kv_bytes_full": stats[i].kv_bytes_full,
-                "prompt_tokens": prompt.length,
-            }
+            kv = (stats[i].kv_bytes, stats[i].kv_bytes_full)
+            rows[i] = result_row(inst, jobs[i].method, jobs[i].budget, text, kv, prompt.length)
+    rows += [anchor_row(loaded, inst, m, prompt, mode, max_new) for m in anchors]
     return InstanceResult(inst, prompt.length, rows, t1 - t0, time.perf_counter() - t1)
 
 
@@ -202,6 +227,12 @@ def reprefill_instance(
     t0 = time.perf_counter()
     for m in methods:
         for b in m.budgets(budgets):
+            if m.kind == "hf-quant":  # already one prefill of its own
+                prompt = encode(loaded.tokenizer, inst.context, inst.question, max_tokens=max_context)
+                max_new = inst.max_new_tokens or default_new_tokens
+                got = anchor_row(loaded, inst, m, prompt, mode, max_new)
+                rows.append({k: got[k] for k in ("instance_id", "method", "budget", "prediction", "score")})
+                continue
             text = run(
                 loaded,
                 m.settings(b, fp) or keep_all,

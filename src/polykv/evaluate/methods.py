@@ -5,6 +5,8 @@
 - `pyramid`: PyramidKV-style allocation (budgets falling linearly with depth, same total) with SnapKV scoring;
 - `quant:<bits>` (8, 4 or 2): the whole context kept, every layer's keys and values stored at that precision
   (`polykv.quantize`): uniform quantisation instead of eviction (budget-independent, run once per instance);
+- `hf-quant:<bits>` (4 or 2): the external anchor for `quant:<bits>`: plain `model.generate` over transformers' own
+  `QuantizedCache` (quanto backend), outside PolyKV's cache (`hf_quantized`; budget-independent);
 - `plan:<path>`: a plan file (used at its own average budget) or a directory of plans (for each budget, the plan
   whose `average_budget` equals it); `plan-<name>:<path>` adds further plans under their own names (e.g. plans
   solved from another calibration), each with its own gap recovery.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polykv.errors import InputError
+from polykv.evaluate.hf_quantized import HF_QUANT_BITS, require_backend
 from polykv.plan import CostModel, Plan
 from polykv.policies import make_policy, policy_names
 from polykv.precision import FULL_PRECISION, SUPPORTED_BITS
@@ -29,9 +32,9 @@ class Method:
     """One compared method; `settings(budget)` gives its per-layer settings (None: keep everything)."""
 
     name: str
-    kind: str  # full | quant | uniform | pyramid | plan
+    kind: str  # full | quant | hf-quant | uniform | pyramid | plan
     policy: str | None = None
-    bits: int = FULL_PRECISION  # kind == quant
+    bits: int = FULL_PRECISION  # kind == quant or hf-quant
     plans: tuple[tuple[int, str], ...] = ()  # (average budget, plan path) for kind == plan
     source: str | None = None  # the plan file or directory it came from (kind == plan)
 
@@ -43,7 +46,7 @@ class Method:
         return self.name
 
     def budgets(self, requested: list[int]) -> list[int | None]:
-        if self.kind in ("full", "quant"):
+        if self.kind in ("full", "quant", "hf-quant"):
             return [None]
         if self.kind == "plan":
             have = {b for b, _ in self.plans}
@@ -58,6 +61,8 @@ class Method:
         """Per-layer settings at `budget`, each budget as its layer holds it (window - 1 at most on sliding layers,
         as in plans), so that methods at one budget compare at the memory they really use."""
         n = fingerprint["num_layers"]
+        if self.kind == "hf-quant":
+            raise ValueError("hf-quant runs outside PolyKV's cache: it has no layer settings (see hf_quantized)")
         if self.kind == "full":
             return None
         if self.kind == "quant":
@@ -95,6 +100,13 @@ QUANT_BITS = tuple(b for b in SUPPORTED_BITS if b != FULL_PRECISION)
 PLAN_METHOD = re.compile(r"(?P<name>plan(?:-[A-Za-z0-9_.]+)?)(?::(?P<path>.+))?")
 
 
+def require_backends(methods: list[Method]) -> None:
+    """Raise a one-line `InputError` when a method's optional backend is not installed: checked before a run starts,
+    not at its first instance."""
+    if any(m.kind == "hf-quant" for m in methods):
+        require_backend()
+
+
 def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
     """`full,quant:4,uniform:snapkv,...,pyramid,plan:DIR,plan-NAME:DIR`; `uniform:*` = every registered policy but
     full."""
@@ -110,6 +122,12 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
                 allowed = ", ".join(f"quant:{b}" for b in QUANT_BITS)
                 raise InputError(f"unknown method {item!r}; quantising the whole cache takes {allowed} (16 bits: full)")
             methods.append(Method(item, "quant", bits=int(width)))
+        elif item.startswith("hf-quant:"):
+            width = item.split(":", 1)[1]
+            if width not in {str(b) for b in HF_QUANT_BITS}:
+                allowed = " or ".join(f"hf-quant:{b}" for b in HF_QUANT_BITS)
+                raise InputError(f"unknown method {item!r}; transformers' quanto KV cache takes {allowed}")
+            methods.append(Method(item, "hf-quant", bits=int(width)))
         elif item.startswith("uniform:"):
             names = [p for p in policy_names() if p != "full"] if item == "uniform:*" else [item.split(":", 1)[1]]
             for name in names:
@@ -127,8 +145,8 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
             methods.append(Method(name, "plan", plans=tuple(plans), source=str(target)))
         else:
             raise InputError(
-                f"unknown method {item!r}; use full, quant:<bits>, uniform:<policy>, uniform:*, pyramid, "
-                "plan:<path> or plan-<name>:<path> (name: letters, digits, _ and .)"
+                f"unknown method {item!r}; use full, quant:<bits>, hf-quant:<bits>, uniform:<policy>, uniform:*, "
+                "pyramid, plan:<path> or plan-<name>:<path> (name: letters, digits, _ and .)"
             )
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
