@@ -7,8 +7,9 @@ whole-model loss of each candidate at the same budget: the solved plan, blends t
 budget floors (a fraction of the average budget on every layer, between the free plan and a uniform one), and every
 uniform policy (from a calibration with KV precision, also every uniform policy at each calibrated width below 16
 bits, with as many tokens as the same bytes hold). Layers below 16 bits are measured as their quantised storage
-serves them (`polykv.answer_loss`). The loss is the mean over held-out samples of KL(full cache || candidate) on the
-teacher-forced answer with every layer compressed, the objective `polykv refine` uses. The solved plan is written
+serves them (`polykv.answer_loss`). The loss is, by default, the mean over held-out samples of KL(full cache ||
+candidate) on the teacher-forced gold answer with every layer compressed, the objective `polykv refine` uses
+(`OBJECTIVES` lists the others, on the gold answer or on the full cache's own greedy one). The solved plan is written
 unless another candidate's loss is clearly lower (by more than `MARGIN` standard errors of the paired difference),
 in which case the lowest of those is; the provenance records every candidate's loss, so a plan is never knowingly
 worse than the best single policy on the data it was judged on.
