@@ -107,6 +107,15 @@ def require_backends(methods: list[Method]) -> None:
         require_backend()
 
 
+def width_method(item: str, kind: str, widths: tuple[int, ...], what: str, note: str, sep: str = ", ") -> Method:
+    """`KIND:BITS` as a budget-independent method at that precision; a width outside `widths` is one clear line."""
+    width = item.split(":", 1)[1]
+    if width not in {str(b) for b in widths}:
+        allowed = sep.join(f"{kind}:{b}" for b in widths)
+        raise InputError(f"unknown method {item!r}; {what} takes {allowed}{' ' + note if note else ''}")
+    return Method(item, kind, bits=int(width))
+
+
 def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
     """`full,quant:4,uniform:snapkv,...,pyramid,plan:DIR,plan-NAME:DIR`; `uniform:*` = every registered policy but
     full."""
@@ -117,17 +126,9 @@ def parse_methods(spec: str, default_plans: Path | None) -> list[Method]:
         elif item == "pyramid":
             methods.append(Method("pyramid", "pyramid"))
         elif item.startswith("quant:"):
-            width = item.split(":", 1)[1]
-            if width not in {str(b) for b in QUANT_BITS}:
-                allowed = ", ".join(f"quant:{b}" for b in QUANT_BITS)
-                raise InputError(f"unknown method {item!r}; quantising the whole cache takes {allowed} (16 bits: full)")
-            methods.append(Method(item, "quant", bits=int(width)))
+            methods.append(width_method(item, "quant", QUANT_BITS, "quantising the whole cache", "(16 bits: full)"))
         elif item.startswith("hf-quant:"):
-            width = item.split(":", 1)[1]
-            if width not in {str(b) for b in HF_QUANT_BITS}:
-                allowed = " or ".join(f"hf-quant:{b}" for b in HF_QUANT_BITS)
-                raise InputError(f"unknown method {item!r}; transformers' quanto KV cache takes {allowed}")
-            methods.append(Method(item, "hf-quant", bits=int(width)))
+            methods.append(width_method(item, "hf-quant", HF_QUANT_BITS, "transformers' quanto KV cache", "", " or "))
         elif item.startswith("uniform:"):
             names = [p for p in policy_names() if p != "full"] if item == "uniform:*" else [item.split(":", 1)[1]]
             for name in names:
