@@ -20,7 +20,7 @@ from polykv.data import load_samples
 from polykv.models import fingerprint
 from polykv.plan import Plan, uniform_plan
 from polykv.policies import make_policy
-from polykv.refine import neighbours, refine_plan
+from polykv.refine import best_uniform, neighbours, refine_plan
 from polykv.settings import LayerSetting
 from polykv_cli.main import app
 
@@ -46,6 +46,14 @@ def test_neighbours_are_one_budget_step_or_another_policy():
     ]
     assert neighbours(("h2o", 8), GRID, POLICIES)[0] == ("h2o", 16)  # nothing below the grid
     assert ("snapkv", 1024) not in neighbours(("snapkv", 512), GRID, POLICIES)  # nothing above it
+
+
+def test_a_wider_reach_prices_every_policy_at_nearby_budgets():
+    moves = neighbours(("snapkv", 32), GRID, POLICIES, reach=2)
+    assert [m for m in moves if m[0] == "snapkv"] == [("snapkv", 8), ("snapkv", 16), ("snapkv", 64), ("snapkv", 128)]
+    assert [m for m in moves if m[0] == "h2o"] == [("h2o", 16), ("h2o", 32), ("h2o", 64)]
+    assert ("snapkv", 32) not in moves and len(moves) == len(set(moves)) == 4 + 3 * 3
+    assert neighbours(("snapkv", 32), GRID, POLICIES, reach=1) == neighbours(("snapkv", 32), GRID, POLICIES)
 
 
 def test_refine_refuses_a_plan_with_layers_below_16_bits_before_measuring():
@@ -101,6 +109,25 @@ def test_refine_never_raises_the_measured_loss_and_stays_within_budget(setup):
     assert final == pytest.approx(losses[-1], rel=1e-4)  # batch composition changes rounding only
     assert plan.provenance["refine"]["measured_loss"][0] == pytest.approx(losses[0], rel=1e-5)
     assert plan.predicted_loss is None  # the solver's prediction no longer describes these layers
+
+
+def test_a_search_from_the_best_uniform_plan_with_a_wide_reach(setup):
+    """The start is the uniform policy of lowest measured loss; a reach-2 round prices every policy at nearby budgets
+    with the rest at that start, and the result never measures worse than the start."""
+    loaded, samples = setup
+    fp = fingerprint(loaded.model.config)
+    start, measured = best_uniform(loaded.model, samples, uniform_plan("tiny", fp, "snapkv", 32), POLICIES)
+    assert set(measured) == set(POLICIES) and measured[start.layers[0].policy] == min(measured.values())
+    assert {layer.budget for layer in start.layers} == {32} and start.total_budget == uniform_plan(
+        "tiny", fp, "knorm", 32
+    ).total_budget
+    result = refine_plan(loaded.model, samples, start, GRID, POLICIES, rounds=1, min_gain=0.0, caution=0.0, reach=2)
+    assert result.losses[-1] <= result.losses[0] == pytest.approx(measured[start.layers[0].policy], rel=1e-4)
+    assert result.plan.used_budget <= start.total_budget
+    refine = result.plan.provenance["refine"]
+    assert refine["reach"] == 2 and refine["start"] == f"uniform:{start.layers[0].policy}"
+    per_round = len(start.layers) * len(neighbours((start.layers[0].policy, 32), GRID, POLICIES, 2))
+    assert refine["plans_measured"] >= per_round  # every wide move was measured
 
 
 def test_held_out_samples_equal_to_the_search_samples_change_nothing(setup):
@@ -223,6 +250,9 @@ def test_refine_cli_on_bundled_model(tmp_path, monkeypatch):
         ],
     )
     assert many.exit_code == 2 and "holds 32 samples" in many.output and not (tmp_path / "r").exists()
+    for flags, says in ((["--start", "best"], "use plan or uniform"), (["--reach", "0"], "--reach must be")):
+        bad = runner.invoke(app, ["refine", "--plans", str(tmp_path), "--out", str(tmp_path / "r"), *flags])
+        assert bad.exit_code == 2 and says in bad.output and not (tmp_path / "r").exists(), bad.output
     res = runner.invoke(
         app,
         [

@@ -44,6 +44,18 @@ def register(app: typer.Typer) -> None:
             "--caution",
             help="Rank moves by mean change + this many standard errors over the samples (0: the mean alone).",
         ),
+        reach: int = typer.Option(
+            1,
+            "--reach",
+            help="Moves per layer: its policy up to this many grid budgets up or down, other policies within one "
+            "fewer (1: a budget step or another policy at the same budget).",
+        ),
+        start: str = typer.Option(
+            "plan",
+            "--start",
+            help="plan: search from each plan; uniform: from the uniform policy with the lowest measured loss at "
+            "its budget (each layer's options priced with the rest of the model compressed at that budget).",
+        ),
         min_gain: float = typer.Option(
             0.01, "--min-gain", help="Stop when a round lowers the loss by less (relative)."
         ),
@@ -60,11 +72,13 @@ def register(app: typer.Typer) -> None:
         from polykv.models import fingerprint, load_model
         from polykv.plan import Plan
         from polykv.policies import policy_names
-        from polykv.refine import refine_plan
+        from polykv.refine import best_uniform, refine_plan
         from polykv.solve.constraints import parse_budgets
 
-        if samples < 1 or rounds < 1 or (holdout or 0) < 0 or caution < 0:
-            fail("--samples and --rounds must be at least 1, --holdout and --caution at least 0")
+        if samples < 1 or rounds < 1 or reach < 1 or (holdout or 0) < 0 or caution < 0:
+            fail("--samples, --rounds and --reach must be at least 1, --holdout and --caution at least 0")
+        if start not in ("plan", "uniform"):
+            fail(f"--start {start!r}: use plan or uniform")
         source = plans or Path("plans") / model
         if not source.exists():
             fail(f"no plans at {source}; pass --plans with a plan file or a directory written by polykv solve")
@@ -108,6 +122,15 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, justify="right")
         written = []
         for budget, plan in source_plans:
+            if start == "uniform":
+                plan, measured = best_uniform(loaded.model, prepared, plan, policies)
+                err.print(
+                    f"avg {budget}: from uniform {plan.layers[0].policy} ("
+                    + ", ".join(f"{p} {v:.4f}" for p, v in sorted(measured.items(), key=lambda kv: kv[1]))
+                    + ")",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             result = refine_plan(
                 loaded.model,
                 prepared,
@@ -119,6 +142,7 @@ def register(app: typer.Typer) -> None:
                 log=lambda m: err.print(m, highlight=False, soft_wrap=True),
                 held_out=held_out,
                 caution=caution,
+                reach=reach,
             )
             target = out_dir / f"avg{budget}.json"
             result.plan.save(target)

@@ -33,7 +33,7 @@ from torch import nn
 from polykv.answer_loss import Choice, Objective
 from polykv.calibrate.sample import PreparedSample
 from polykv.errors import PlanError
-from polykv.plan import CostModel, LayerPlan, Plan
+from polykv.plan import CostModel, LayerPlan, Plan, uniform_plan
 from polykv.policies import make_policy
 from polykv.precision import FULL_PRECISION
 from polykv.solve.mckp import solve_dp
@@ -49,19 +49,33 @@ class RefineResult:
     rejected: list[list[float]] = field(default_factory=list)  # [round, search loss, held-out loss] turned down
 
 
-def neighbours(choice: Choice, grid: list[int], policies: list[str]) -> list[Choice]:
-    """One step from `choice`: the same policy one grid budget up or down, or another policy at the same budget."""
+def neighbours(choice: Choice, grid: list[int], policies: list[str], reach: int = 1) -> list[Choice]:
+    """The moves from `choice`: the same policy up to `reach` grid budgets up or down, and every other policy within
+    `reach - 1` grid budgets of this one (reach 1: one budget step, or another policy at the same budget).
+
+    A wider reach measures each layer's options around the operating point (every other layer as it is in the plan),
+    not only next to it: from a uniform plan, reach 2 prices each layer's budget quartered, halved, doubled or
+    quadrupled with the rest of the model compressed at the target budget."""
     policy, budget = choice
-    out: list[Choice] = []
     below = [b for b in grid if b < budget]
     above = [b for b in grid if b > budget]
-    if policy != "full":
-        if below:
-            out.append((policy, below[-1]))
-        if above:
-            out.append((policy, above[0]))
-    out += [(p, budget) for p in policies if p != policy and p != "full"]
+    steps = below[::-1][:reach][::-1] + above[:reach]
+    near = below[::-1][: reach - 1][::-1] + [budget] + above[: reach - 1]
+    out: list[Choice] = [] if policy == "full" else [(policy, b) for b in steps]
+    out += [(p, b) for p in policies if p != policy and p != "full" for b in near]
     return out
+
+
+def best_uniform(
+    model: nn.Module, samples: list[PreparedSample], like: Plan, policies: list[str], max_rows: int = 48
+) -> tuple[Plan, dict[str, float]]:
+    """The uniform plan at `like`'s average budget whose measured loss on `samples` is lowest, and every policy's
+    loss: the operating point a search with a wide reach starts from."""
+    budget = int(like.average_budget)
+    plans = {p: uniform_plan(like.model, like.fingerprint, p, budget, make_policy(p).params()) for p in policies}
+    losses = Objective(model, samples, max_rows)([[(li.policy, li.budget) for li in p.layers] for p in plans.values()])
+    measured = {p: float(v) for p, v in zip(plans, losses, strict=True)}
+    return plans[min(measured, key=measured.__getitem__)], measured
 
 
 def refine_plan(
@@ -76,6 +90,7 @@ def refine_plan(
     log: Callable[[str], None] | None = None,
     held_out: list[PreparedSample] | None = None,
     caution: float = 1.0,
+    reach: int = 1,
 ) -> RefineResult:
     """Local search from `plan` (see the module doc).
 
@@ -108,7 +123,7 @@ def refine_plan(
         + (f", held-out {result.held_out[0]:.4f}" if check else "")
     )
     for round_ in range(rounds):
-        moves = [(li, c) for li, choice in enumerate(current) for c in neighbours(choice, grid, policies)]
+        moves = [(li, c) for li, choice in enumerate(current) for c in neighbours(choice, grid, policies, reach)]
         trial = [current[:li] + [c] + current[li + 1 :] for li, c in moves]
         trial_ps = objective.per_sample(trial)
         change = trial_ps - current_ps[:, None]
@@ -170,12 +185,21 @@ def refine_plan(
             + f" ({len(changed)} layers: {'; '.join(changed)})"
         )
     result.seconds = time.perf_counter() - started
-    result.plan = _with_choices(plan, current, result, len(samples), len(held_out or []), objective.evaluated, caution)
+    result.plan = _with_choices(
+        plan, current, result, len(samples), len(held_out or []), objective.evaluated, caution, reach
+    )
     return result
 
 
 def _with_choices(
-    plan: Plan, choices: list[Choice], result: RefineResult, samples: int, held_out: int, evaluated: int, caution: float
+    plan: Plan,
+    choices: list[Choice],
+    result: RefineResult,
+    samples: int,
+    held_out: int,
+    evaluated: int,
+    caution: float,
+    reach: int,
 ) -> Plan:
     params = {li.policy: li.params for li in plan.layers}
     layers = [
@@ -196,6 +220,8 @@ def _with_choices(
         "moves": result.moves,
         "plans_measured": evaluated,
         "caution": caution,
+        "reach": reach,
+        "start": f"uniform:{plan.layers[0].policy}" if plan.provenance.get("solver") == "uniform" else "plan",
         "source_predicted_loss": plan.predicted_loss,
     }
     if held_out:
